@@ -1,0 +1,1 @@
+"""Integrations with other libraries: the only place that knows transformers' classes."""

@@ -1,0 +1,99 @@
+"""``llamazh.patch``: make an already loaded Hugging Face model use llamazh pieces.
+
+Patching replaces attributes on *that model instance* (never transformers' module globals),
+records every change, and can be undone. The rope and attention integrations each return a
+list of :class:`Change`; :func:`patch` gathers them into one :class:`PatchHandle`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Change:
+    """One reversible modification of a model.
+
+    Attributes:
+        what: a human-readable description (``"model.layers.0.self_attn.rotary_emb: ..."``).
+        undo: restores exactly what was there before.
+    """
+
+    what: str
+    undo: Callable[[], None]
+
+
+@dataclass
+class PatchHandle:
+    """What :func:`patch` changed on a model; ``undo()`` restores it (also as a context manager).
+
+    Example:
+        >>> handle = llamazh.patch(model, rope=LinearScaling(factor=4.0))
+        >>> print(handle.changes)
+        >>> handle.undo()
+    """
+
+    model: Any
+    changes: list[Change] = field(default_factory=list)
+    undone: bool = False
+
+    def undo(self) -> None:
+        """Revert every change, newest first. Raises ``RuntimeError`` if called twice."""
+        if self.undone:
+            raise RuntimeError("this patch has already been undone")
+        for change in reversed(self.changes):
+            change.undo()
+        self.undone = True
+
+    def describe(self) -> list[str]:
+        """One line per change, in the order they were made."""
+        return [change.what for change in self.changes]
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.undone:
+            self.undo()
+
+
+def patch(model: Any, *, rope: Any = None, attention: str | None = None) -> PatchHandle:
+    """Make a loaded transformers model use a llamazh rotary strategy and/or attention.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose rotary embedding follows the
+            ``LlamaRotaryEmbedding`` contract (Llama, Mistral, Qwen2, ...).
+        rope: a strategy from :mod:`llamazh.rope` (e.g. ``YaRNScaling(...)``), or ``None``.
+        attention: ``"llamazh"`` to route attention through :func:`llamazh.attention.attention`,
+            or ``None`` to leave it alone.
+
+    Returns:
+        A :class:`PatchHandle` listing the changes; ``handle.undo()`` reverts them.
+
+    Raises:
+        ValueError: if neither ``rope`` nor ``attention`` is given, or either is not supported
+            by this model.
+
+    Example:
+        >>> from llamazh.rope import YaRNScaling
+        >>> handle = llamazh.patch(model, rope=YaRNScaling(factor=4.0, original_max_position=4096))
+        >>> handle.undo()
+    """
+    if rope is None and attention is None:
+        raise ValueError("patch() needs rope=... and/or attention=..., got neither")
+    handle = PatchHandle(model)
+    try:
+        if rope is not None:
+            from llamazh.integrations.hf_rope import patch_rope
+
+            handle.changes.extend(patch_rope(model, rope))
+        if attention is not None:
+            from llamazh.integrations.hf_attention import patch_attention
+
+            handle.changes.extend(patch_attention(model, attention))
+    except BaseException:
+        handle.undo()  # leave the model as it was when any part fails
+        raise
+    return handle

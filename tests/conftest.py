@@ -1,0 +1,79 @@
+"""Shared pytest configuration.
+
+* Triton kernels run under the interpreter when there is no CUDA device: TRITON_INTERPRET
+  must be set before Triton is first imported, which is why it happens here.
+* ``@pytest.mark.gpu`` tests are skipped with a reason on machines without CUDA.
+* Hypothesis runs derandomized (fixed seeds) with no deadline; the ``ci`` profile keeps the
+  example counts small enough for 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("LLAMAZH_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where kernel tests put their tensors: CUDA if present, else the CPU (interpreter)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def llama2_model_path():
+    """The Llama-2 SentencePiece model bundled under data/ (skips if absent)."""
+    from llamazh.testing import data_path
+
+    path = data_path("tokenizers/llama2.model")
+    if path is None:
+        pytest.skip("data/tokenizers/llama2.model is not in this checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_path():
+    """A function: name -> path of a bundled corpus file (skips if absent)."""
+    from llamazh.testing import data_path
+
+    def find(name: str):
+        path = data_path(f"corpus/{name}")
+        if path is None:
+            pytest.skip(f"data/corpus/{name} is not in this checkout")
+        return path
+
+    return find
