@@ -1,0 +1,130 @@
+"""Real tokenizers for the template tests, built once per session in a temporary directory.
+
+* ``llama2-first``: the bundled Llama-2 ``tokenizer.model`` loaded by transformers with a
+  ``tokenizer_config.json`` (without one transformers adds no BOS and drops the dummy-prefix
+  piece, see NOTES.md); ``legacy=False`` -> ``Metaspace(prepend_scheme="first")``.
+* ``llama2-always``: the same with ``legacy=True`` -> every text segment gets the dummy prefix,
+  as SentencePiece and the seed's scripts do.
+* ``zh-merged``: Llama-2 plus the pieces of a small Chinese BPE model trained here on the
+  bundled d2l-zh corpus, appended with score 0 (the Chinese-LLaMA v1 merge recipe), loaded with
+  ``legacy=True``. (Built here because the ``tokenizer`` branch had not landed
+  ``export_hf_tokenizer`` yet.)
+* ``llama3``: a small byte-level BPE with Llama-3's pre-tokenizer regex and its special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+# Llama-3's pre-tokenizer pattern (contractions, letters, 1-3 digits, punctuation, newlines)
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _write_llama_dir(directory: Path, model: Path | bytes, *, legacy: bool) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    data = model if isinstance(model, bytes) else Path(model).read_bytes()
+    (directory / "tokenizer.model").write_bytes(data)
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "legacy": legacy,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def _zh_merged_model(llama2_model: Path, corpus: Path, workdir: Path) -> bytes:
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    lines = corpus.read_text(encoding="utf-8").splitlines()[:1500]
+    prefix = workdir / "zh_small"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=3000,
+        character_coverage=0.9995,
+        split_digits=True,
+        byte_fallback=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    base = pb.ModelProto()
+    base.ParseFromString(llama2_model.read_bytes())
+    zh = pb.ModelProto()
+    zh.ParseFromString(Path(f"{prefix}.model").read_bytes())
+    have = {p.piece for p in base.pieces}
+    for p in zh.pieces:
+        if p.piece not in have and p.type == pb.ModelProto.SentencePiece.NORMAL:
+            base.pieces.add(piece=p.piece, score=0.0, type=pb.ModelProto.SentencePiece.NORMAL)
+    return base.SerializeToString()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory, llama2_model_path, corpus_path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    dirs = {
+        "llama2-first": _write_llama_dir(root / "first", llama2_model_path, legacy=False),
+        "llama2-always": _write_llama_dir(root / "always", llama2_model_path, legacy=True),
+    }
+    merged = _zh_merged_model(Path(llama2_model_path), Path(corpus_path("zh_d2l.txt")), root)
+    dirs["zh-merged"] = _write_llama_dir(root / "zh", merged, legacy=True)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizers(tokenizer_dirs, corpus_path) -> dict[str, object]:
+    """name -> a transformers tokenizer (see the module docstring)."""
+    from transformers import AutoTokenizer
+
+    out = {name: AutoTokenizer.from_pretrained(str(d)) for name, d in tokenizer_dirs.items()}
+    out["llama3"] = _llama3_tokenizer(corpus_path)
+    return out
+
+
+def _llama3_tokenizer(corpus_path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1500,
+        special_tokens=LLAMA3_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = []
+    for name in ("en_d2l.txt", "zh_d2l.txt"):
+        text += Path(corpus_path(name)).read_text(encoding="utf-8").splitlines()[:300]
+    tok.train_from_iterator(text, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        additional_special_tokens=LLAMA3_SPECIALS[1:4],
+    )
