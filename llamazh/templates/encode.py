@@ -179,17 +179,22 @@ def special_token_id(tokenizer: Any, token: str, *, template: str = "template") 
             f"which does not have it; add it with tokenizer.add_special_tokens("
             f"{{'additional_special_tokens': [{token!r}]}}) (and resize the embeddings)"
         )
-    return int(added[token])
+    token_id = int(added[token])
+    spec = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
+    if spec is not None and (getattr(spec, "lstrip", False) or getattr(spec, "rstrip", False)):
+        raise ValueError(
+            f"the tokenizer's {token!r} has lstrip/rstrip set: it swallows the whitespace next "
+            f"to it, so template {template!r} would not render what it encodes; load the "
+            f"tokenizer with that token as AddedToken({token!r}, lstrip=False, rstrip=False)"
+        )
+    return token_id
 
 
-# tokenizer -> (encoder for a segment at offset 0, encoder for any later segment)
-_CACHE: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+# tokenizer -> (vocab size incl. added tokens, encoder for a segment at offset 0, for later ones)
+_CACHE: weakref.WeakKeyDictionary[Any, tuple[int, Any, Any]] = weakref.WeakKeyDictionary()
 
 
 def _segment_tokenizers(tokenizer: Any) -> tuple[Any, Any]:
-    cached = _CACHE.get(tokenizer)
-    if cached is not None:
-        return cached
     from tokenizers import Tokenizer
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -199,6 +204,10 @@ def _segment_tokenizers(tokenizer: Any) -> tuple[Any, Any]:
             f"apply_chat_template exactly; got {type(tokenizer).__name__}. Load it with "
             f"AutoTokenizer.from_pretrained(..., use_fast=True)"
         )
+    cached = _CACHE.get(tokenizer)
+    # the copies are rebuilt if the tokenizer gained tokens since (add_special_tokens)
+    if cached is not None and cached[0] == backend.get_vocab_size(with_added_tokens=True):
+        return cached[1], cached[2]
     spec = json.loads(backend.to_str())
     encoders = []
     for later in (False, True):
@@ -211,7 +220,7 @@ def _segment_tokenizers(tokenizer: Any) -> tuple[Any, Any]:
         # special tokens inside message text stay text; the template inserts its own by id
         enc.encode_special_tokens = True
         encoders.append(enc)
-    _CACHE[tokenizer] = (encoders[0], encoders[1])
+    _CACHE[tokenizer] = (backend.get_vocab_size(with_added_tokens=True), *encoders)
     return encoders[0], encoders[1]
 
 
