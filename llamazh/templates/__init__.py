@@ -9,7 +9,7 @@ chat-template export.
 """
 
 from llamazh.templates.core import ChatTemplate, Part, Special, validate_messages
-from llamazh.templates.encode import IGNORE_INDEX, Encoded, TooLongError, encode
+from llamazh.templates.encoding import IGNORE_INDEX, Encoded, TooLongError, encode
 from llamazh.templates.registry import TEMPLATES, get_template
 from llamazh.templates.sft import (
     SFTBuild,

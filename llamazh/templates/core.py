@@ -4,7 +4,7 @@ A template is pure data (:class:`ChatTemplate`): tuples of text pieces and :clas
 tokens, with ``{content}`` standing for a message's text. Rendering walks the messages once and
 produces a list of :class:`Part` (text or special token, and whether it belongs to an assistant
 reply); :meth:`ChatTemplate.render` joins them into a string, ``encode`` tokenizes them (see
-``llamazh.templates.encode``), and :meth:`ChatTemplate.to_jinja` writes the same walk as a
+``llamazh.templates.encoding``), and :meth:`ChatTemplate.to_jinja` writes the same walk as a
 transformers ``chat_template``. One description, three consumers: they cannot drift apart.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from llamazh.templates.encode import Encoded
+    from llamazh.templates.encoding import Encoded
 
 ROLES = ("system", "user", "assistant")
 
@@ -134,13 +134,13 @@ class ChatTemplate:
         overflow: str = "error",
     ) -> Encoded:
         """Token ids and labels for supervised fine-tuning; see :func:`llamazh.templates.encode`."""
-        from llamazh.templates.encode import encode
+        from llamazh.templates.encoding import encode
 
         return encode(self, tokenizer, messages, max_length, overflow=overflow)
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Ids of the tokens that end an assistant reply (for ``generate(eos_token_id=...)``)."""
-        from llamazh.templates.encode import special_token_id
+        from llamazh.templates.encoding import special_token_id
 
         return [special_token_id(tokenizer, t, template=self.name) for t in self.stop_tokens]
 

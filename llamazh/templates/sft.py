@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamazh.templates.core import ChatTemplate
-from llamazh.templates.encode import TooLongError, encode
+from llamazh.templates.encoding import TooLongError, encode
 from llamazh.templates.registry import get_template
 
 # ShareGPT "from" values seen in the wild -> our roles
