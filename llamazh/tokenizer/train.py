@@ -123,7 +123,7 @@ def train_sentencepiece(
             raise ValueError(f"overrides: {message}") from None
         if "ocabulary size" in message:
             raise ValueError(
-                f"vocab_size={vocab_size} cannot be supported by this corpus "
+                f"vocab_size={vocab_size} does not fit this corpus "
                 f"({lines} lines): {message.split('] ')[-1]}"
             ) from None
         raise ValueError(f"SentencePiece training failed: {message}") from None
