@@ -50,9 +50,11 @@ class ChatTemplate:
     ``system`` is ``None`` and ``system_fold`` is set, ``system_fold`` with the system text
     prepended to the first user message's content), then per message ``user`` or
     ``assistant_prompt`` + ``assistant`` (the latter labeled), then ``assistant_prompt`` if a
-    generation prompt is asked for. Without a system message ``default_system`` is used
-    (``None``: no system block). ``strip``: message contents (after folding) are ``str.strip()``-ed
-    as Meta's reference code does. ``alternate``: user and assistant turns must alternate.
+    generation prompt is asked for; ``assistant_lead`` goes before a reply only when the reply
+    is not empty (Chinese-Alpaca-2's ``" " + answer``). Without a system message
+    ``default_system`` is used (``None``: no system block). ``strip``: message contents (after
+    folding) are ``str.strip()``-ed as Meta's reference code does. ``alternate``: user and
+    assistant turns must alternate.
     """
 
     name: str
@@ -62,6 +64,7 @@ class ChatTemplate:
     assistant: tuple[Piece, ...]
     stop_tokens: tuple[str, ...]
     assistant_prompt: tuple[Piece, ...] = ()
+    assistant_lead: str = ""
     system: tuple[Piece, ...] | None = None
     system_fold: str | None = None
     default_system: str | None = None
@@ -95,7 +98,10 @@ class ChatTemplate:
                 _emit(out, self.user, self._clean(content))
             else:
                 _emit(out, self.assistant_prompt, "")
-                _emit(out, self.assistant, self._clean(content), assistant=True)
+                content = self._clean(content)
+                if content and self.assistant_lead:
+                    out.append(Part(self.assistant_lead, assistant=True))
+                _emit(out, self.assistant, content, assistant=True)
         if add_generation_prompt:
             _emit(out, self.assistant_prompt, "")
         return out

@@ -112,7 +112,14 @@ def to_jinja(template: ChatTemplate) -> str:
         "{%- else -%}",
         f"{{%- set content = message['content']{clean} -%}}",
         _emit(t.assistant_prompt),
-        "{%- generation -%}" + _emit(t.assistant, "content") + "{%- endgeneration -%}",
+        "{%- generation -%}"
+        + (
+            "{%- if content -%}{{- " + _literal(t.assistant_lead) + " -}}{%- endif -%}"
+            if t.assistant_lead
+            else ""
+        )
+        + _emit(t.assistant, "content")
+        + "{%- endgeneration -%}",
         "{%- endif -%}",
         "{%- endfor -%}",
         "{%- if add_generation_prompt -%}",

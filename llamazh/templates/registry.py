@@ -9,7 +9,8 @@ Sources (read at these pinned files; the strings below are checked by golden tes
   and ``"### Response:\\n\\n"``, "slightly different from the one used in training").
 * Chinese-Alpaca-2: ``scripts/training/build_dataset.py`` (single turn, BOS + source, target
   ``output + "</s>"``) and ``scripts/inference/gradio_demo.py`` (later turns appended as
-  ``"</s>" + "<s>" + "[INST] {q} [/INST]" + " " + answer``) of ymcui/Chinese-LLaMA-Alpaca-2;
+  ``"</s>" + "<s>" + "[INST] {q} [/INST]" + " " + answer``, the space only before a non-empty
+  answer, as ``sp("")`` is empty in the SFT script) of ymcui/Chinese-LLaMA-Alpaca-2;
   system prompts from its ``prompts/alpaca-2.txt`` and ``prompts/alpaca-2-long.txt``.
 * Llama-2-chat: ``llama/generation.py`` of meta-llama/llama v2 (``chat_completion``: each
   exchange is ``BOS + "[INST] {user.strip()} [/INST] {answer.strip()} " + EOS``; the system
@@ -64,7 +65,8 @@ ALPACA2 = ChatTemplate(
     system_fold=_SYS_FOLD,
     default_system=ALPACA2_SYSTEM,
     user=(_BOS, "[INST] {content} [/INST]"),
-    assistant=(" {content}", _EOS),
+    assistant_lead=" ",
+    assistant=("{content}", _EOS),
     stop_tokens=("</s>",),
 )
 
@@ -75,7 +77,8 @@ ALPACA2_LONG = ChatTemplate(
     system_fold=_SYS_FOLD,
     default_system=ALPACA2_LONG_SYSTEM,
     user=(_BOS, "[INST] {content} [/INST]"),
-    assistant=(" {content}", _EOS),
+    assistant_lead=" ",
+    assistant=("{content}", _EOS),
     stop_tokens=("</s>",),
 )
 

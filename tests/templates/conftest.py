@@ -5,10 +5,12 @@
   piece, see NOTES.md); ``legacy=False`` -> ``Metaspace(prepend_scheme="first")``.
 * ``llama2-always``: the same with ``legacy=True`` -> every text segment gets the dummy prefix,
   as SentencePiece and the seed's scripts do.
-* ``zh-merged``: Llama-2 plus the pieces of a small Chinese BPE model trained here on the
-  bundled d2l-zh corpus, appended with score 0 (the Chinese-LLaMA v1 merge recipe), loaded with
-  ``legacy=True``. (Built here because the ``tokenizer`` branch had not landed
-  ``export_hf_tokenizer`` yet.)
+* ``llama2-exact``: ``llamazh.tokenizer.export_hf_tokenizer`` of the same model: a fast
+  tokenizer that encodes exactly like SentencePiece (dummy prefix on every segment, whitespace
+  runs included).
+* ``zh-merged``: Llama-2 merged with a small Chinese model trained here on the bundled d2l-zh
+  corpus (``train_sentencepiece`` + ``merge_sentencepiece(scores="rank")``), exported the same
+  way.
 * ``llama3``: a small byte-level BPE with Llama-3's pre-tokenizer regex and its special tokens.
 """
 
@@ -50,44 +52,21 @@ def _write_llama_dir(directory: Path, model: Path | bytes, *, legacy: bool) -> P
     return directory
 
 
-def _zh_merged_model(llama2_model: Path, corpus: Path, workdir: Path) -> bytes:
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    lines = corpus.read_text(encoding="utf-8").splitlines()[:1500]
-    prefix = workdir / "zh_small"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=str(prefix),
-        model_type="bpe",
-        vocab_size=3000,
-        character_coverage=0.9995,
-        split_digits=True,
-        byte_fallback=False,
-        num_threads=1,
-        minloglevel=2,
-    )
-    base = pb.ModelProto()
-    base.ParseFromString(llama2_model.read_bytes())
-    zh = pb.ModelProto()
-    zh.ParseFromString(Path(f"{prefix}.model").read_bytes())
-    have = {p.piece for p in base.pieces}
-    for p in zh.pieces:
-        if p.piece not in have and p.type == pb.ModelProto.SentencePiece.NORMAL:
-            base.pieces.add(piece=p.piece, score=0.0, type=pb.ModelProto.SentencePiece.NORMAL)
-    return base.SerializeToString()
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dirs(tmp_path_factory, llama2_model_path, corpus_path) -> dict[str, Path]:
+    from llamazh.tokenizer import export_hf_tokenizer, merge_sentencepiece, train_sentencepiece
+
     root = tmp_path_factory.mktemp("tokenizers")
-    dirs = {
+    lines = Path(corpus_path("zh_d2l.txt")).read_text(encoding="utf-8").splitlines()[:1500]
+    (root / "zh.txt").write_text("\n".join(lines), encoding="utf-8")
+    zh = train_sentencepiece(root / "zh.txt", root / "zh.model", vocab_size=3000, num_threads=1)
+    merged = merge_sentencepiece(llama2_model_path, zh, scores="rank")
+    return {
         "llama2-first": _write_llama_dir(root / "first", llama2_model_path, legacy=False),
         "llama2-always": _write_llama_dir(root / "always", llama2_model_path, legacy=True),
+        "llama2-exact": export_hf_tokenizer(llama2_model_path, root / "exact"),
+        "zh-merged": export_hf_tokenizer(merged, root / "zh"),
     }
-    merged = _zh_merged_model(Path(llama2_model_path), Path(corpus_path("zh_d2l.txt")), root)
-    dirs["zh-merged"] = _write_llama_dir(root / "zh", merged, legacy=True)
-    return dirs
 
 
 @pytest.fixture(scope="session")

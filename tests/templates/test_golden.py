@@ -52,6 +52,9 @@ GOLDEN = [
         False,
         f"<s>[INST] <<SYS>>\n\n<</SYS>>\n\n{Q1} [/INST] {A1}</s>",
     ),
+    # an empty answer gets no leading space (the seed's sp("") is empty)
+    ("alpaca2", conv(Q1, ""), False, f"<s>[INST] <<SYS>>\n{ZH_SYS}\n<</SYS>>\n\n{Q1} [/INST]</s>"),
+    ("llama2-chat", conv(Q1, ""), False, f"<s>[INST] {Q1} [/INST]  </s>"),
     ("alpaca2-long", conv(Q1), True, f"<s>[INST] <<SYS>>\n{ZH_LONG}\n<</SYS>>\n\n{Q1} [/INST]"),
     (
         "llama2-chat",

@@ -5,10 +5,11 @@
 * Meta's Llama-3 ``ChatFormat``: header ids, ``enc("\\n\\n")``, ``enc(content.strip())``, eot;
 * Chinese-Alpaca v1 SFT: ``BOS + sp(source)`` then ``sp(output) + EOS`` (one known difference).
 
-SentencePiece is the reference tokenizer for Llama-2 (``sp`` below); the HF tokenizer must be the
-``legacy=True`` one ("always" dummy prefix). Content is drawn without runs of spaces or
-whitespace at the edges: there transformers' BPE and SentencePiece disagree on their own (see
-test_whitespace_runs_are_a_tokenizer_matter).
+SentencePiece is the reference tokenizer for Llama-2 (``sp`` below). With
+``llamazh.tokenizer.export_hf_tokenizer``'s exact fast tokenizer ("llama2-exact") the equality
+holds for any content, whitespace runs and edges included; with transformers' own ``legacy=True``
+Llama tokenizer ("llama2-always") only for content without runs of spaces or whitespace at the
+edges, where its BPE and SentencePiece disagree on plain text already.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ WORDS = [
 ]
 words = st.lists(st.sampled_from(WORDS), min_size=1, max_size=6)
 plain = st.tuples(words, st.sampled_from([" ", "", "\n"])).map(lambda t: t[1].join(t[0]))
+SPACES = [" ", "  ", "   ", "\n", "\n\n", "\t", " \n", "\u3000"]
+messy = st.lists(st.sampled_from(WORDS + SPACES), max_size=10).map("".join)
+TEXT = {"llama2-always": plain, "llama2-exact": messy}
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +47,11 @@ def sp(llama2_model_path):
     return spm.SentencePieceProcessor(model_file=str(llama2_model_path))
 
 
-@given(instruction=plain, extra=st.one_of(st.just(""), plain), output=plain)
-def test_alpaca2_equals_seed_sft(hf_tokenizers, sp, instruction, extra, output):
-    tok, t = hf_tokenizers["llama2-always"], TEMPLATES["alpaca2"]
+@pytest.mark.parametrize("kind", list(TEXT))
+@given(data=st.data())
+def test_alpaca2_equals_seed_sft(hf_tokenizers, sp, kind, data):
+    instruction, extra, output = (data.draw(TEXT[kind]) for _ in range(3))
+    tok, t = hf_tokenizers[kind], TEMPLATES["alpaca2"]
     record = {"instruction": instruction, "input": extra, "output": output}
     ids, labels = t.encode(tok, alpaca_messages(record))
     joined = instruction + ("\n" + extra if extra else "")
@@ -64,13 +70,14 @@ def test_alpaca2_first_scheme_differs_after_bos(hf_tokenizers, sp):
     assert ids_first[2:] == ids_always[2:]
 
 
-@given(
-    system=st.one_of(st.none(), plain),
-    turns=st.lists(st.tuples(plain, plain), min_size=1, max_size=3),
-    last=plain,
-)
-def test_llama2_chat_equals_meta(hf_tokenizers, sp, system, turns, last):
-    tok, t = hf_tokenizers["llama2-always"], TEMPLATES["llama2-chat"]
+@pytest.mark.parametrize("kind", list(TEXT))
+@given(data=st.data())
+def test_llama2_chat_equals_meta(hf_tokenizers, sp, kind, data):
+    text = TEXT[kind]
+    system = data.draw(st.one_of(st.none(), text))
+    turns = data.draw(st.lists(st.tuples(text, text), min_size=1, max_size=3))
+    last = data.draw(text)
+    tok, t = hf_tokenizers[kind], TEMPLATES["llama2-chat"]
     messages = [] if system is None else [{"role": "system", "content": system}]
     for u, a in turns:
         messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
@@ -144,6 +151,12 @@ def test_alpaca_v1_vs_seed_one_token(hf_tokenizers, sp, instruction, output):
 
 def test_whitespace_runs_are_a_tokenizer_matter(hf_tokenizers, sp):
     """Runs of spaces: transformers' Llama BPE and SentencePiece differ on plain text already
-    (NOTES.md), so no template can match SentencePiece there; ours matches transformers."""
-    tok = hf_tokenizers["llama2-always"]
-    assert tok("  two  spaces", add_special_tokens=False)["input_ids"] != sp.encode("  two  spaces")
+    (NOTES.md), so no template can match SentencePiece with that tokenizer; the exact export
+    does."""
+    text = "  two  spaces"
+    assert hf_tokenizers["llama2-always"](text, add_special_tokens=False)["input_ids"] != sp.encode(
+        text
+    )
+    assert hf_tokenizers["llama2-exact"](text, add_special_tokens=False)["input_ids"] == sp.encode(
+        text
+    )

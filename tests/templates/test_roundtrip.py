@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from llamazh.templates import IGNORE_INDEX, TEMPLATES
 
 LLAMA2_FAMILY = ["alpaca", "alpaca-inference", "alpaca2", "alpaca2-long", "llama2-chat"]
-CASES = [(t, k) for t in LLAMA2_FAMILY for k in ("llama2-first", "llama2-always", "zh-merged")]
+KINDS = ("llama2-first", "llama2-always", "llama2-exact", "zh-merged")
+CASES = [(t, k) for t in LLAMA2_FAMILY for k in KINDS]
 CASES += [("llama3", "llama3")]
 SPECIALS = ("<s>", "</s>", "<unk>", "<|")
 
