@@ -118,7 +118,7 @@ def encode(
         return Encoded(ids[:max_length], labels[:max_length], truncated_tokens=cut)
     # drop_turns: the longest prefix of messages ending with an assistant reply that fits
     ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
-    for end in reversed(ends[:-1]):
+    for end in reversed([e for e in ends if e < len(messages)]):
         ids, labels = _encode_parts(template, tokenizer, messages[:end])
         if len(ids) <= max_length:
             return Encoded(ids, labels, dropped_messages=len(messages) - end)
@@ -161,11 +161,15 @@ def _encode_parts(
         else:
             text.append(part.text)
     flush()
+    # a token is trained iff its span overlaps a reply (transformers' generation-mask rule);
+    # tokens and replies are both in text order, so one sweep does it
     labels = [IGNORE_INDEX] * len(ids)
-    for a, b in assistant:
-        for k, (s, e) in enumerate(spans):
-            if s < b and (e > a or (s == e and a <= s < b)):
-                labels[k] = ids[k]
+    r = 0
+    for k, (s, e) in enumerate(spans):
+        while r < len(assistant) and assistant[r][1] <= s:
+            r += 1
+        if r < len(assistant) and assistant[r][0] < max(e, s + 1):
+            labels[k] = ids[k]
     return ids, labels
 
 

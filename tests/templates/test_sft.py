@@ -38,6 +38,9 @@ def test_max_length_policies(hf_tokenizers):
     dropped = t.encode(tok, messages, max_length=n - 1, overflow="drop_turns")
     assert (dropped.input_ids, dropped.labels) == (first.input_ids, first.labels)
     assert dropped.dropped_messages == 2
+    trailing_user = [*messages, {"role": "user", "content": "and a question left unanswered"}]
+    fit = t.encode(tok, trailing_user, max_length=n, overflow="drop_turns")
+    assert fit.input_ids == full.input_ids and fit.dropped_messages == 1
     cut = t.encode(tok, messages, max_length=n - 3, overflow="truncate")
     assert cut.input_ids == full.input_ids[: n - 3] and cut.truncated_tokens == 3
     start = next(i for i, v in enumerate(first.labels) if v != IGNORE_INDEX)
