@@ -22,6 +22,7 @@ positions are -100.
 from __future__ import annotations
 
 import json
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -213,6 +214,17 @@ def _segment_tokenizers(tokenizer: Any) -> tuple[Any, Any]:
     if cached is not None and cached[0] == backend.get_vocab_size(with_added_tokens=True):
         return cached[1], cached[2]
     spec = json.loads(backend.to_str())
+    if _prepends_first_only(spec.get("pre_tokenizer")):
+        warnings.warn(
+            f"{type(tokenizer).__name__} adds SentencePiece's dummy prefix only at the start of "
+            f"the text (Metaspace prepend_scheme='first', transformers' legacy=False): after a "
+            f"special token, '<s>[INST]' encodes '[' where Meta's Llama-2-chat and "
+            f"Chinese-Alpaca-2 were trained on '▁['. llamazh reproduces this tokenizer (as "
+            f"apply_chat_template does); to match those models load it with legacy=True or use "
+            f"llamazh.tokenizer.export_hf_tokenizer",
+            UserWarning,
+            stacklevel=5,
+        )
     encoders = []
     for later in (False, True):
         s = json.loads(json.dumps(spec))
@@ -226,6 +238,14 @@ def _segment_tokenizers(tokenizer: Any) -> tuple[Any, Any]:
         encoders.append(enc)
     _CACHE[tokenizer] = (backend.get_vocab_size(with_added_tokens=True), *encoders)
     return encoders[0], encoders[1]
+
+
+def _prepends_first_only(node: Any) -> bool:
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+        return True
+    return any(_prepends_first_only(child) for child in node.get("pretokenizers", ()) or ())
 
 
 def _never_prepend(node: Any) -> None:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,13 @@ def hf_tokenizers(tokenizer_dirs, corpus_path) -> dict[str, object]:
     """name -> a transformers tokenizer (see the module docstring)."""
     from transformers import AutoTokenizer
 
+    from llamazh.templates.encoding import _segment_tokenizers
+
     out = {name: AutoTokenizer.from_pretrained(str(d)) for name, d in tokenizer_dirs.items()}
     out["llama3"] = _llama3_tokenizer(corpus_path)
+    with warnings.catch_warnings():  # the legacy=False warning, tested in test_sft.py
+        warnings.simplefilter("ignore", UserWarning)
+        _segment_tokenizers(out["llama2-first"])
     return out
 
 

@@ -120,9 +120,23 @@ def test_stripping_special_token_is_refused(tokenizer_dirs):
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dirs["llama2-first"]))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dirs["llama2-always"]))
     tok.add_special_tokens({"eos_token": AddedToken("</s>", rstrip=True, special=True)})
     if not tok.added_tokens_decoder[2].rstrip:
         pytest.skip("this transformers does not let rstrip be changed on an existing token")
     with pytest.raises(ValueError, match="lstrip/rstrip"):
         get_template("alpaca2").encode(tok, conv("q", "a"))
+
+
+def test_first_only_dummy_prefix_warns(tokenizer_dirs, hf_tokenizers):
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    fresh = AutoTokenizer.from_pretrained(str(tokenizer_dirs["llama2-first"]))
+    with pytest.warns(UserWarning, match="legacy=True"):
+        get_template("alpaca2").encode(fresh, conv("q", "a"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_template("alpaca2").encode(hf_tokenizers["llama2-exact"], conv("q", "a"))
+        get_template("alpaca2").encode(hf_tokenizers["llama2-always"], conv("q", "a"))
