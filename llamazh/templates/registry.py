@@ -1,24 +1,26 @@
 """The registered prompt formats, each pinned to the code that defines it.
 
-Sources (read at these pinned files; the strings below are checked by golden tests):
+Sources (commits as read; the strings below are checked by golden tests):
 
-* Stanford Alpaca / Chinese-Alpaca v1: ``scripts/training/build_dataset.py`` of
-  ymcui/Chinese-LLaMA-Alpaca (``PROMPT_TEMPLATE``: the no-input Alpaca preamble, input joined to
-  the instruction with ``"\\n"``, ``"### Response: "`` with a trailing space, target
-  ``output + "</s>"``) and its ``scripts/inference/inference_hf.py`` (``"### Instruction:\\n\\n"``
-  and ``"### Response:\\n\\n"``, "slightly different from the one used in training").
-* Chinese-Alpaca-2: ``scripts/training/build_dataset.py`` (single turn, BOS + source, target
-  ``output + "</s>"``) and ``scripts/inference/gradio_demo.py`` (later turns appended as
-  ``"</s>" + "<s>" + "[INST] {q} [/INST]" + " " + answer``, the space only before a non-empty
-  answer, as ``sp("")`` is empty in the SFT script) of ymcui/Chinese-LLaMA-Alpaca-2;
-  system prompts from its ``prompts/alpaca-2.txt`` and ``prompts/alpaca-2-long.txt``.
-* Llama-2-chat: ``llama/generation.py`` of meta-llama/llama v2 (``chat_completion``: each
+* Stanford Alpaca / Chinese-Alpaca v1: ymcui/Chinese-LLaMA-Alpaca@70538f6
+  ``scripts/training/build_dataset.py`` (``PROMPT_TEMPLATE``: the no-input Alpaca preamble,
+  input joined to the instruction with ``"\n"``, ``"### Response: "`` with a trailing space,
+  target ``output + "</s>"``) and ``scripts/inference/inference_hf.py`` (``"### Instruction:
+  \n\n"`` and ``"### Response:\n\n"``, "slightly different from the one used in training").
+* Chinese-Alpaca-2: ymcui/Chinese-LLaMA-Alpaca-2 ``scripts/training/build_dataset.py`` (single
+  turn, BOS + source, target ``output + "</s>"``) and ``scripts/inference/gradio_demo.py``@045de90
+  (later turns appended as ``"</s>" + "<s>" + "[INST] {q} [/INST]" + " " + answer``, the space
+  only before a non-empty answer, as ``sp("")`` is empty in the SFT script; tokenizer loaded
+  with ``legacy=True``); system prompts from ``prompts/alpaca-2.txt`` and ``alpaca-2-long.txt``.
+* Llama-2-chat: meta-llama/llama@c769dfd ``llama/generation.py`` (``chat_completion``: each
   exchange is ``BOS + "[INST] {user.strip()} [/INST] {answer.strip()} " + EOS``; the system
-  prompt is folded into the first user message as ``"<<SYS>>\\n{system}\\n<</SYS>>\\n\\n"``
+  prompt is folded into the first user message as ``"<<SYS>>\n{system}\n<</SYS>>\n\n"``
   before stripping).
-* Llama-3-Instruct: ``llama/tokenizer.py`` ``ChatFormat`` of meta-llama/llama3 (header
-  ``<|start_header_id|>{role}<|end_header_id|>\\n\\n``, stripped content, ``<|eot_id|>``);
-  default system prompt from Chinese-LLaMA-Alpaca-3's ``scripts/training/build_dataset.py``.
+* Llama-3-Instruct: meta-llama/llama3@e8f0267 ``llama/tokenizer.py`` ``ChatFormat`` (header
+  ``<|start_header_id|>{role}<|end_header_id|>\n\n``, stripped content, ``<|eot_id|>``);
+  default system prompt from ymcui/Chinese-LLaMA-Alpaca-3@14c788a
+  ``scripts/training/build_dataset.py`` (whose SFT adds neither BOS nor the reply's
+  ``<|eot_id|>``: a quirk not copied).
 """
 
 from __future__ import annotations
