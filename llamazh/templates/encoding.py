@@ -25,7 +25,6 @@ import json
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llamazh._checks import check_choice, check_positive_int
@@ -41,19 +40,34 @@ class TooLongError(ValueError):
     """The conversation cannot be fitted into ``max_length`` without losing every answer."""
 
 
-@dataclass(frozen=True)
-class Encoded:
-    """``input_ids`` and ``labels`` (lists of ints, equal length; -100 where not trained) and
-    ``dropped_messages``: how many trailing messages ``overflow="drop_turns"`` removed, or, for
-    ``"truncate"``, how many tokens were cut (``truncated_tokens``)."""
+class Encoded(tuple):
+    """``(input_ids, labels)``: a 2-tuple (lists of ints of equal length; -100 where not
+    trained) that also carries what ``max_length`` did: ``dropped_messages`` (trailing messages
+    removed by ``overflow="drop_turns"``) and ``truncated_tokens`` (cut by ``"truncate"``)."""
 
-    input_ids: list[int]
-    labels: list[int]
-    dropped_messages: int = 0
-    truncated_tokens: int = 0
+    dropped_messages: int
+    truncated_tokens: int
 
-    def __iter__(self):  # allows ``input_ids, labels = template.encode(...)``
-        return iter((self.input_ids, self.labels))
+    def __new__(
+        cls,
+        input_ids: list[int],
+        labels: list[int],
+        *,
+        dropped_messages: int = 0,
+        truncated_tokens: int = 0,
+    ) -> Encoded:
+        self = super().__new__(cls, (input_ids, labels))
+        self.dropped_messages = dropped_messages
+        self.truncated_tokens = truncated_tokens
+        return self
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self[0]
+
+    @property
+    def labels(self) -> list[int]:
+        return self[1]
 
 
 def encode(
@@ -80,7 +94,7 @@ def encode(
             rather than return an example with no labeled token.
 
     Returns:
-        :class:`Encoded` (unpacks as ``input_ids, labels``): lists of ints of equal length ``S``;
+        :class:`Encoded`, the tuple ``(input_ids, labels)``: lists of ints of equal length ``S``;
         labels are -100 except on assistant replies and their end tokens. The ids contain the
         template's BOS once (``add_special_tokens`` is never applied on top).
 

@@ -36,7 +36,8 @@ def test_max_length_policies(hf_tokenizers):
     with pytest.raises(TooLongError, match=f"{n} tokens > max_length={n - 1}"):
         t.encode(tok, messages, max_length=n - 1)
     dropped = t.encode(tok, messages, max_length=n - 1, overflow="drop_turns")
-    assert (dropped.input_ids, dropped.labels) == (first.input_ids, first.labels)
+    assert dropped == first and dropped == (first.input_ids, first.labels)
+    assert isinstance(first, tuple) and len(first) == 2
     assert dropped.dropped_messages == 2
     trailing_user = [*messages, {"role": "user", "content": "and a question left unanswered"}]
     fit = t.encode(tok, trailing_user, max_length=n, overflow="drop_turns")
