@@ -15,6 +15,7 @@ from llamazh.templates.sft import (
     SFTBuild,
     alpaca_messages,
     build_sft_examples,
+    record_messages,
     sharegpt_messages,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "build_sft_examples",
     "encode",
     "get_template",
+    "record_messages",
     "sharegpt_messages",
     "validate_messages",
 ]

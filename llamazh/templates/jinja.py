@@ -56,7 +56,7 @@ def to_jinja(template: ChatTemplate) -> str:
     default = "none" if t.default_system is None else _literal(t.default_system)
     clean = " | trim" if t.strip else ""
     lines = [
-        f"{{#- llamazh chat template {t.name!r}: {t.description} -#}}",
+        f"{{#- llamazh chat template {t.name!r}: {t.description.replace('#}', '# }')} -#}}",
         "{%- if messages | length == 0 -%}"
         + _raise("messages must not be empty")
         + "{%- endif -%}",
