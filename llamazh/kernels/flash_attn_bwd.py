@@ -22,7 +22,14 @@ from llamazh.kernels.flash_attn_common import (
     block_d,
     interpreter_on,
 )
-from llamazh.kernels.flash_attn_fwd import INTERPRETER_BLOCK, precision
+from llamazh.kernels.flash_attn_fwd import (
+    INTERPRETER_BLOCK,
+    TUNE_KEY,
+    TUNE_MIN_SEQLEN,
+    make_configs,
+    precision,
+    tile_pruner,
+)
 
 
 @triton.jit
@@ -205,22 +212,44 @@ def _attn_bwd_dq_kernel(
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)  # fmt: skip
 
 
-def _configs(pairs) -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in pairs
-    ]
-
-
-_KEY = ["tune_q", "tune_k", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "VARLEN"]
+# dK/dV hold two fp32 (BLOCK_N, D) accumulators, dQ one (BLOCK_M, D): long key tiles for the
+# first, long query tiles for the second (as in Triton's fused-attention tutorial)
 _dkdv_tuned = triton.autotune(
-    configs=_configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)]),
-    key=_KEY,
+    configs=make_configs(
+        [
+            (32, 128, 8, 3),
+            (64, 128, 8, 3),
+            (32, 128, 4, 3),
+            (64, 64, 4, 3),
+            (32, 64, 4, 3),
+            (16, 64, 4, 2),
+        ]
+    ),
+    key=TUNE_KEY,
+    prune_configs_by={"early_config_prune": tile_pruner("BLOCK_N", 128 * 128)},
 )(_attn_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(
-    configs=_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]),
-    key=_KEY,
+    configs=make_configs(
+        [
+            (128, 32, 8, 3),
+            (128, 64, 8, 3),
+            (128, 32, 4, 3),
+            (64, 64, 4, 3),
+            (64, 32, 4, 3),
+            (64, 16, 4, 2),
+        ]
+    ),
+    key=TUNE_KEY,
+    prune_configs_by={"early_config_prune": tile_pruner("BLOCK_M", 128 * 128)},
 )(_attn_bwd_dq_kernel)
+
+
+def _bwd_fixed(head_dim_padded: int) -> tuple[dict, dict]:
+    if head_dim_padded > 128:
+        return (dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+                dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2))  # fmt: skip
+    return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+            dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3))  # fmt: skip
 
 
 def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -310,6 +339,13 @@ def launch_bwd(
         _attn_bwd_dq_kernel[(triton.cdiv(sq, INTERPRETER_BLOCK), batch * heads)](
             *dq_args, **blk, **meta
         )
+        return
+    if max(sq, sk) < TUNE_MIN_SEQLEN:
+        c1, c2 = _bwd_fixed(bd)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(sk, c1["BLOCK_N"]), batch * hkv)](
+            *dkdv_args, **c1, **meta
+        )
+        _attn_bwd_dq_kernel[(triton.cdiv(sq, c2["BLOCK_M"]), batch * heads)](*dq_args, **c2, **meta)
         return
     _dkdv_tuned[lambda m: (triton.cdiv(sk, m["BLOCK_N"]), batch * hkv)](*dkdv_args, **meta)
     _dq_tuned[lambda m: (triton.cdiv(sq, m["BLOCK_M"]), batch * heads)](*dq_args, **meta)

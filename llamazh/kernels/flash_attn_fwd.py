@@ -135,36 +135,55 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr, lse, mask=offs_m < seqlen_q)
 
 
-def _fwd_configs() -> list[triton.Config]:
-    configs = []
-    for bm, bn, warps, stages in [
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
-        (128, 64, 4, 3),
-        (128, 32, 4, 4),
-        (64, 64, 4, 3),
-        (64, 32, 4, 4),
-    ]:
-        configs.append(
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-        )
-    return configs
+def make_configs(pairs) -> list[triton.Config]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples -> autotune configs."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in pairs
+    ]
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    # large head dims do not fit 128 x 128 tiles in shared memory with 3 stages
-    d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
-    keep = [c for c in configs if d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 8192]
-    return keep or configs
+def tile_pruner(rows: str, limit: int):
+    """Drop configs whose ``rows`` block times the padded head dim exceeds ``limit`` elements
+    (fp32 accumulators that would spill registers); always keep the smallest config."""
+
+    def prune(configs, named_args, **kwargs):
+        d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+        keep = [c for c in configs if c.kwargs[rows] * d <= limit]
+        return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
 
 
+TUNE_KEY = ["tune_q", "tune_k", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "VARLEN"]
+# Hopper and Ampere: 128-row query tiles with 8 warps win from 2k tokens on; smaller tiles
+# for short sequences and head dims above 128.
 _attn_fwd_tuned = triton.autotune(
-    configs=_fwd_configs(),
-    key=["tune_q", "tune_k", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "VARLEN"],
-    prune_configs_by={"early_config_prune": _prune_fwd},
+    configs=make_configs(
+        [
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (128, 64, 4, 3),
+            (128, 32, 4, 4),
+            (64, 64, 4, 3),
+            (64, 32, 4, 3),
+            (32, 32, 4, 2),
+        ]
+    ),
+    key=TUNE_KEY,
+    prune_configs_by={"early_config_prune": tile_pruner("BLOCK_M", 128 * 128)},
 )(_attn_fwd_kernel)
 
 INTERPRETER_BLOCK = 16
+# below this many keys autotuning costs more than it saves: one fixed config per shape family
+TUNE_MIN_SEQLEN = 1024
+
+
+def fixed_config(head_dim_padded: int) -> dict:
+    """The launch config used for short sequences (and the template of the tuned ones)."""
+    if head_dim_padded > 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -237,6 +256,9 @@ def launch_fwd(
     if interpreter_on():
         grid = (triton.cdiv(sq, INTERPRETER_BLOCK), batch * heads)
         _attn_fwd_kernel[grid](*args, BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK, **meta)
+    elif max(sq, sk) < TUNE_MIN_SEQLEN:
+        cfg = fixed_config(meta["BLOCK_D"])
+        _attn_fwd_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), batch * heads)](*args, **cfg, **meta)
     else:
 
         def grid(m):
