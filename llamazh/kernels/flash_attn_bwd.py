@@ -15,6 +15,7 @@ import triton.language as tl
 
 from llamazh.kernels.flash_attn_common import (
     LOG2E,
+    LOG2E_C,
     _key_ranges,
     _query_ranges,
     _tanh,
@@ -58,7 +59,7 @@ def _scores(q, k, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.co
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if HAS_SOFTCAP:
         t = _tanh(qk * qk_scale)
-        return softcap * t * LOG2E, t
+        return softcap * t * LOG2E_C, t
     return qk * qk_scale, qk
 
 
@@ -118,7 +119,7 @@ def _attn_bwd_dkdv_kernel(
                         mask=row_ok[:, None] & d_ok, other=0.0)  # fmt: skip
             do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :],
                          mask=row_ok[:, None] & d_ok, other=0.0)  # fmt: skip
-            lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0) * LOG2E
+            lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0) * LOG2E_C
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
             delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
             s, t = _scores(q, k, qk_scale, softcap, HAS_SOFTCAP, PRECISION)  # (M, N)
@@ -183,7 +184,7 @@ def _attn_bwd_dq_kernel(
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_ok, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_ok, other=0.0)
     row_base = b * stride_lb + h * stride_lh + q_start
-    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0) * LOG2E
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0) * LOG2E_C
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from llamazh.kernels.flash_attn_common import (
-    LN2,
+    LN2_C,
     LOG2E,
+    LOG2E_C,
     _key_ranges,
     _tanh,
     _window_mask,
@@ -41,7 +42,7 @@ def _fwd_inner(
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if HAS_SOFTCAP:
-            s = softcap * _tanh(qk * qk_scale) * LOG2E  # qk_scale = scale / softcap here
+            s = softcap * _tanh(qk * qk_scale) * LOG2E_C  # qk_scale = scale / softcap here
         else:
             s = qk * qk_scale  # qk_scale = scale * log2(e)
         if MASKED:
@@ -127,7 +128,7 @@ def _attn_fwd_kernel(
 
     empty = l_i == 0.0  # nothing to attend to: output 0 and LSE -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2_C)
     o_base = O + b * stride_ob + q_start * stride_os + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok & d_ok)  # fmt: skip

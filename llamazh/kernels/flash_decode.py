@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 from llamazh.kernels.flash_attn_common import (
-    LN2,
+    LN2_C,
     LOG2E,
+    LOG2E_C,
     _tanh,
     _window_mask,
     block_d,
@@ -64,7 +65,7 @@ def _decode_split_kernel(
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if HAS_SOFTCAP:
-            s = softcap * _tanh(qk * qk_scale) * LOG2E
+            s = softcap * _tanh(qk * qk_scale) * LOG2E_C
         else:
             s = qk * qk_scale
         valid = _window_mask(offs_i, offs_n, off, seqlen_q, end, wl, wr, HAS_LEFT, HAS_RIGHT)
@@ -109,7 +110,7 @@ def _decode_reduce_kernel(
     parts = tl.load(OP + rows[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     empty = total == 0.0
     out = tl.sum(parts * w[:, None], 0) / tl.where(empty, 1.0, total)
-    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * LN2)
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * LN2_C)
     o_ptr = O + b * stride_ob + i * stride_os + h * stride_oh + offs_d
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
     tl.store(LSE + b * stride_lb + h * stride_lh + i, lse)
