@@ -51,11 +51,15 @@ class _FlashAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, window, softcap, cu_q, cu_k, max_q, max_k):
         _, fwd, _ = _kernels()
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape)  # contiguous (B, Sq, H, D) whatever the strides of q
         if cu_q is None:
-            lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device)  # (B, H, Sq)
+            lse = torch.empty(
+                q.shape[0], q.shape[2], q.shape[1], device=q.device, dtype=torch.float32
+            )  # (B, H, Sq)
         else:
-            lse = torch.empty(q.shape[1], q.shape[0], device=q.device)  # (H, total_q)
+            lse = torch.empty(
+                q.shape[1], q.shape[0], device=q.device, dtype=torch.float32
+            )  # (H, total_q)
         opts = dict(softmax_scale=scale, window=window, softcap=softcap)
         varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
         fwd.launch_fwd(q, k, v, out, lse, **opts, **varlen)
@@ -70,7 +74,7 @@ class _FlashAttnFn(torch.autograd.Function):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if dout.stride(-1) != 1 or 0 in dout.stride():
             dout = dout.contiguous()  # kernels need a dense last dim
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
         max_q, max_k = ctx.varlen
         bwd.launch_bwd(
             dout, q, k, v, out, lse, dq, dk, dv, **ctx.opts,
@@ -127,8 +131,10 @@ def flash_attn_func(
     if not needs_grad and _is_decode(q, k):
         from llamazh.kernels.flash_decode import launch_decode
 
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device)  # (B, H, Sq)
+        out = q.new_empty(q.shape)  # contiguous (B, Sq, H, D) whatever the strides of q
+        lse = torch.empty(
+            q.shape[0], q.shape[2], q.shape[1], device=q.device, dtype=torch.float32
+        )  # (B, H, Sq)
         launch_decode(q, k, v, out, lse, softmax_scale=scale, window=window, softcap=cap)
     else:
         out, lse = _FlashAttnFn.apply(q, k, v, scale, window, cap, None, None, 0, 0)

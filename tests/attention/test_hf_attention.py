@@ -19,13 +19,18 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture
-def kernels_on_cpu(monkeypatch):
-    """Run the kernel path on CPU tensors; any fall back to SDPA fails the test."""
+def kernel_device(monkeypatch):
+    """Where the kernel path runs: CUDA, else CPU tensors under TRITON_INTERPRET=1. Any fall
+    back to SDPA fails the test."""
     from llamazh.kernels.flash_attn_common import interpreter_on
 
-    if not interpreter_on() and not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        device = "cuda"
+    elif interpreter_on():
+        device = "cpu"
+        monkeypatch.setattr(hf_attention, "_KERNELS_ON_CPU", True)
+    else:
         pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
-    monkeypatch.setattr(hf_attention, "_KERNELS_ON_CPU", True)
     real = hf_attention._fallback
 
     def no_fallback(module, *args, **kwargs):
@@ -34,6 +39,7 @@ def kernels_on_cpu(monkeypatch):
         return real(module, *args, **kwargs)
 
     monkeypatch.setattr(hf_attention, "_fallback", no_fallback)
+    return torch.device(device)
 
 
 def _batch(left: bool):
@@ -49,7 +55,8 @@ def _batch(left: bool):
 
 
 def _logits(model, impl, dtype=torch.float32, **inputs):
-    model = model.to(dtype)
+    device = next(iter(inputs.values())).device
+    model = model.to(device, dtype)
     model.set_attn_implementation(impl)
     with torch.no_grad():
         return model(**inputs).logits.double()
@@ -104,15 +111,16 @@ def _assert_matches_sdpa(model, keep, **inputs):
 
 
 @pytest.mark.parametrize("left", [True, False])
-def test_kernel_path_padding(kernels_on_cpu, left):
-    ids, mask = _batch(left)
+def test_kernel_path_padding(kernel_device, left):
+    ids, mask = (t.to(kernel_device) for t in _batch(left))
     _assert_matches_sdpa(tiny_llama(), mask.bool(), input_ids=ids, attention_mask=mask)
 
 
-def test_kernel_path_packed_sequences(kernels_on_cpu):
+def test_kernel_path_packed_sequences(kernel_device):
     lengths = [5, 7, 1, 4]
     ids = torch.randint(3, 256, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(kernel_device)
+    ids = ids.to(kernel_device)
     seen = []
     real = hf_attention._varlen
 
@@ -120,7 +128,8 @@ def test_kernel_path_packed_sequences(kernels_on_cpu):
         seen.append(args[3][0].tolist())
         return real(*args, **kwargs)
 
-    hf_attention._varlen, keep = spy, torch.ones(1, sum(lengths), dtype=torch.bool)
+    keep = torch.ones(1, sum(lengths), dtype=torch.bool, device=kernel_device)
+    hf_attention._varlen = spy
     try:
         _assert_matches_sdpa(tiny_llama(), keep, input_ids=ids, position_ids=position_ids,
                              use_cache=False)  # fmt: skip
@@ -129,8 +138,8 @@ def test_kernel_path_packed_sequences(kernels_on_cpu):
     assert seen and seen[0] == [0, 5, 12, 13, 17]  # ran packed, per position_ids segment
 
 
-def test_kernel_path_generate_with_cache(kernels_on_cpu):
-    ids, mask = _batch(left=True)
+def test_kernel_path_generate_with_cache(kernel_device):
+    ids, mask = (t.to(kernel_device) for t in _batch(left=True))
     model = tiny_llama()
     runs = {}
     for impl, dtype in (
@@ -138,7 +147,7 @@ def test_kernel_path_generate_with_cache(kernels_on_cpu):
         ("sdpa", torch.float64),
         ("eager", torch.float32),
     ):
-        model = model.to(dtype)
+        model = model.to(kernel_device, dtype)
         model.set_attn_implementation(impl)
         runs[impl] = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
@@ -149,19 +158,13 @@ def test_kernel_path_generate_with_cache(kernels_on_cpu):
         assert_close(a.double(), r.double(), b.double(), name=f"step {step} logits")
 
 
-def test_mask_function_shapes(kernels_on_cpu):
+def test_mask_function_shapes(kernel_device, monkeypatch):
     from transformers.masking_utils import causal_mask_function
 
     mask2 = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
-    kw = dict(mask_function=causal_mask_function, attention_mask=mask2)
-    assert hf_attention.llamazh_attention_mask(2, 3, 3, device="cpu", **kw).shape == (2, 3)
-    hf_attention._KERNELS_ON_CPU = False
-    try:
-        assert hf_attention.llamazh_attention_mask(2, 3, 3, device="cpu", **kw).shape == (
-            2,
-            1,
-            3,
-            3,
-        )
-    finally:
-        hf_attention._KERNELS_ON_CPU = True
+    make = hf_attention.llamazh_attention_mask
+    kw = dict(mask_function=causal_mask_function)
+    on_kernels = make(2, 3, 3, device=kernel_device, attention_mask=mask2.to(kernel_device), **kw)
+    assert on_kernels.shape == (2, 3)  # flash-style padding mask
+    monkeypatch.setattr(hf_attention, "_KERNELS_ON_CPU", False)
+    assert make(2, 3, 3, device="cpu", attention_mask=mask2, **kw).shape == (2, 1, 3, 3)
