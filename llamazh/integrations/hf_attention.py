@@ -49,37 +49,22 @@ def _backend(device: torch.device) -> str:
     return "auto" if device.type == "cuda" else "triton"
 
 
-def llamazh_attention_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    mask_function: Any = None,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor | None:
-    """Mask function registered with ``AttentionMaskInterface`` (transformers' signature).
+def llamazh_attention_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """Mask function registered with ``AttentionMaskInterface`` (transformers' signature,
+    forwarded untouched so that it follows transformers' own changes).
 
     Kernel path: flash-attention's 2-D padding mask (or ``None``) unless the mask has extra
-    structure (custom ``and``/``or`` mask functions, packed sequences): then SDPA's 4-D mask.
+    structure (custom ``and``/``or`` mask functions, packed sequences, compiled caches): then,
+    as everywhere else, SDPA's 4-D boolean mask.
     """
     from transformers.masking_utils import flash_attention_mask, sdpa_mask
 
     plain = not kwargs.get("use_vmap", False) and (
-        attention_mask is not None or kwargs.get("allow_is_causal_skip", True)
+        kwargs.get("attention_mask") is not None or kwargs.get("allow_is_causal_skip", True)
     )
     if plain and _kernel_path(kwargs.get("device")):
-        return flash_attention_mask(
-            batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
-            mask_function=mask_function, attention_mask=attention_mask,
-        )  # fmt: skip
-    if mask_function is not None:
-        kwargs["mask_function"] = mask_function
-    return sdpa_mask(
-        batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
-        attention_mask=attention_mask, **kwargs,
-    )  # fmt: skip
+        return flash_attention_mask(*args, **kwargs)
+    return sdpa_mask(*args, **kwargs)
 
 
 def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
@@ -137,7 +122,7 @@ def llamazh_attention_forward(
     """
     from llamazh.attention import attention
 
-    is_causal = kwargs.pop("is_causal", None)
+    is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     sliding_window = kwargs.get("sliding_window")
@@ -221,7 +206,10 @@ def _eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs
     scores = (query @ key.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     cap = kwargs["softcap"]
     scores = cap * torch.tanh(scores / cap)
-    if attention_mask is None and kwargs.get("is_causal", getattr(module, "is_causal", True)):
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if attention_mask is None and is_causal:
         sq, sk = scores.shape[-2:]
         i = torch.arange(sq, device=scores.device)[:, None] + sk - sq
         attention_mask = torch.arange(sk, device=scores.device)[None, :] <= i

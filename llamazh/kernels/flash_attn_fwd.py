@@ -77,7 +77,9 @@ def _attn_fwd_kernel(
     # Layouts: q, o (B, Sq, H, D) or packed (total_q, H, D) with stride_qb = 0 and rows offset
     # by cu_seqlens_q[b]; LSE fp32 (B, H, Sq) or (H, total_q). Head dim padded to BLOCK_D.
     # Math: o_i = sum_j softmax_j(scale * q_i . k_j [softcapped, masked]) v_j; lse_i saved.
-    pid_m = tl.program_id(0).to(tl.int64)
+    # heaviest query blocks first (under a causal mask the last rows see the most keys), so
+    # the final wave of programs is short
+    pid_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H

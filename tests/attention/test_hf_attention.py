@@ -168,3 +168,17 @@ def test_mask_function_shapes(kernel_device, monkeypatch):
     assert on_kernels.shape == (2, 3)  # flash-style padding mask
     monkeypatch.setattr(hf_attention, "_KERNELS_ON_CPU", False)
     assert make(2, 3, 3, device="cpu", attention_mask=mask2, **kw).shape == (2, 1, 3, 3)
+
+
+def test_kernel_path_sliding_window_with_padding(kernel_device):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        sliding_window=4, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    ids, mask = (t.to(kernel_device) for t in _batch(left=True))
+    _assert_matches_sdpa(model, mask.bool(), input_ids=ids, attention_mask=mask)
