@@ -153,21 +153,36 @@ def llamazh_attention_forward(
         return out.view(b, sq, h, d), None
     if attention_mask is None:
         return attention(q, k, v, backend=_backend(query.device), **opts), None
-    # 2-D padding mask: keys where it is True, queries are its last Sq columns; a static
-    # cache is longer than the mask, its unused slots (at the end) are padding
-    keep_q = attention_mask[:, -sq:].bool()
-    keep_k = attention_mask.bool()
-    if keep_k.shape[1] < k.shape[1]:
-        keep_k = torch.nn.functional.pad(keep_k, (0, k.shape[1] - keep_k.shape[1]), value=False)
-    idx_k = keep_k.reshape(-1).nonzero().view(-1)
-    idx_q = keep_q.reshape(-1).nonzero().view(-1)
-    len_q, len_k = keep_q.sum(1), keep_k.sum(1)
-    pq = (_cu_seqlens(len_q), int(len_q.max()))
-    pk = (_cu_seqlens(len_k), int(len_k.max()))
+    idx_q, idx_k, pq, pk = _unpad_indices(attention_mask, sq, k.shape[1])
     kf, vf = (t.reshape(-1, t.shape[2], d)[idx_k] for t in (k, v))  # (total_k, Hkv, D)
     out_packed = _varlen(q.reshape(-1, h, d)[idx_q], kf, vf, pq, pk, opts, query.device)
     out = q.new_zeros(b * sq, h, d).index_copy(0, idx_q, out_packed)  # padded queries -> 0
     return out.view(b, sq, h, d), None
+
+
+def _unpad_indices(mask: torch.Tensor, sq: int, sk: int) -> tuple:
+    """Token indices and (cu_seqlens, max_len) of queries and keys kept by a 2-D padding mask.
+
+    Keys are where the mask is True, queries are its last Sq columns; a static cache is longer
+    than the mask, its unused slots (at the end) count as padding. Cached on the mask, which
+    every layer of one forward shares (the host syncs happen once, not per layer).
+    """
+    cached = getattr(mask, "_llamazh_unpad", None)
+    if cached is not None and cached[0] == (sq, sk):
+        return cached[1]
+    keep_q = mask[:, -sq:].bool()
+    keep_k = mask.bool()
+    if keep_k.shape[1] < sk:
+        keep_k = torch.nn.functional.pad(keep_k, (0, sk - keep_k.shape[1]), value=False)
+    len_q, len_k = keep_q.sum(1), keep_k.sum(1)
+    result = (
+        keep_q.reshape(-1).nonzero().view(-1),
+        keep_k.reshape(-1).nonzero().view(-1),
+        (_cu_seqlens(len_q), int(len_q.max())),
+        (_cu_seqlens(len_k), int(len_k.max())),
+    )
+    mask._llamazh_unpad = ((sq, sk), result)
+    return result
 
 
 def _varlen(q, k, v, packed_q, packed_k, opts, device) -> torch.Tensor:
