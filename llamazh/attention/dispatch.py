@@ -52,7 +52,7 @@ def _run_flash_attn(q, k, v, *, causal, softmax_scale, window_size, softcap):
             "backend='flash_attn' needs flash-attn: pip install 'llamazh[flash]' "
             "(or use backend='triton', which needs no compilation)"
         ) from exc
-    kwargs = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size)
+    kwargs: dict = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size)
     if softcap > 0:
         if "softcap" not in inspect.signature(flash_attn.flash_attn_func).parameters:
             raise ValueError(

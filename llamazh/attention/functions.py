@@ -173,7 +173,9 @@ def flash_attn_varlen_func(
         q: (total_q, H, D); k, v: (total_k, Hkv, D): sequences concatenated along dim 0.
         cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths starting at 0, on q's
             device; sequence b is ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]``.
-        max_seqlen_q, max_seqlen_k: upper bounds of the per-sequence lengths (size the grid).
+        max_seqlen_q, max_seqlen_k: upper bounds of the per-sequence lengths (they size the
+            grid; as in flash-attn they are trusted, not checked against cu_seqlens, which
+            would cost a device sync).
         causal, softmax_scale, window_size, softcap: as :func:`flash_attn_func`, per sequence.
         return_lse: also return the fp32 LSE, (H, total_q).
 

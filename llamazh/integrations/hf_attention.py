@@ -193,6 +193,8 @@ def _varlen(q, k, v, packed_q, packed_k, opts, device) -> torch.Tensor:
     if device.type == "cuda" and resolve_backend(q, "auto") == "flash_attn":
         import flash_attn
 
+        if not opts["softcap"]:  # flash-attn < 2.6 has no softcap argument
+            opts = {key: val for key, val in opts.items() if key != "softcap"}
         return flash_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **opts)
     return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **opts)
 
