@@ -25,6 +25,24 @@ from llamazh.kernels.flash_attn_common import (
 
 
 @triton.jit
+def _load_tile(ptrs, offs_rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):  # fmt: skip
+    # (rows, BLOCK_D) tile; masks only where rows may run past n_rows or D was padded
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs, mask=offs_rows[:, None] < n_rows, other=0.0)
+        else:
+            mask = (offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+            tile = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, start, end,
     off, seqlen_q, seqlen_k, wl, wr, qk_scale, softcap,
@@ -32,14 +50,13 @@ def _fwd_inner(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    d_ok = offs_d[None, :] < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_ok = d_ok
-        if MASKED:
-            kv_ok = kv_ok & (offs_n[:, None] < seqlen_k)
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+        k_ptr = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
+        v_ptr = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+        # interior blocks of a power-of-two head dim load without any mask (vectorised)
+        k = _load_tile(k_ptr, offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_ptr, offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if HAS_SOFTCAP:
             s = softcap * _tanh(qk * qk_scale) * LOG2E_C  # qk_scale = scale / softcap here
@@ -102,8 +119,8 @@ def _attn_fwd_kernel(
     v_base = V + b * stride_vb + k_start * stride_vs + hk * stride_vh
     row_ok = offs_m[:, None] < seqlen_q
     d_ok = offs_d[None, :] < HEAD_DIM
-    q_ptr = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
-    q = tl.load(q_ptr, mask=row_ok & d_ok, other=0.0)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], offs_m, seqlen_q,
+                   offs_d, HEAD_DIM, BLOCK_D, True)  # fmt: skip
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
