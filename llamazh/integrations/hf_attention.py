@@ -204,9 +204,10 @@ def _fallback(module, query, key, value, attention_mask, scaling, dropout, **kwa
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None and attention_mask.ndim == 2:
-        raise ValueError(
-            "llamazh attention got a 2-D mask on a path without kernels; the model's "
-            "config._attn_implementation and its mask function disagree"
+        # a flash-style padding mask reached a path without kernels (dropout while training,
+        # head dim > 256): expand it to the 4-D mask SDPA's mask function would have built
+        attention_mask = _expand_padding_mask(
+            attention_mask, query.shape[2], key.shape[2], kwargs, module
         )
     if kwargs.get("softcap"):
         return _eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
@@ -214,6 +215,23 @@ def _fallback(module, query, key, value, attention_mask, scaling, dropout, **kwa
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
+
+
+def _expand_padding_mask(
+    mask: torch.Tensor, sq: int, sk: int, kwargs: dict, module
+) -> torch.Tensor:
+    keep = mask.bool()
+    if keep.shape[1] < sk:
+        keep = torch.nn.functional.pad(keep, (0, sk - keep.shape[1]), value=False)
+    i = torch.arange(sq, device=mask.device)[:, None] + (keep.shape[1] - sq)  # key position
+    j = torch.arange(sk, device=mask.device)[None, :]
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=mask.device)
+    is_causal = kwargs.get("is_causal")
+    if is_causal if is_causal is not None else getattr(module, "is_causal", True):
+        allowed &= j <= i
+    if kwargs.get("sliding_window"):
+        allowed &= i - j < kwargs["sliding_window"]
+    return allowed[None, None] & keep[:, None, None, :]  # (B, 1, Sq, Sk)
 
 
 def _eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs):

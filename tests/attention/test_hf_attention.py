@@ -182,3 +182,24 @@ def test_kernel_path_sliding_window_with_padding(kernel_device):
     model = MistralForCausalLM(config).eval()
     ids, mask = (t.to(kernel_device) for t in _batch(left=True))
     _assert_matches_sdpa(model, mask.bool(), input_ids=ids, attention_mask=mask)
+
+
+def test_padding_mask_without_kernels_expands_like_sdpa(monkeypatch):
+    # dropout while training (or D > 256) leaves the kernel path with a flash-style 2-D mask:
+    # it must be expanded exactly as SDPA's mask function would
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    mask = _batch(left=True)[1].bool()
+    attn = tiny_llama().model.layers[0].self_attn
+    monkeypatch.setattr(hf_attention, "_kernel_path", lambda device: False)
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 4, 13, 16, generator=gen)
+    key, value = torch.randn(2, 3, 2, 13, 16, generator=gen)
+    ours, _ = hf_attention.llamazh_attention_forward(attn, query, key, value, mask, scaling=0.25)
+    mask4 = sdpa_mask(
+        batch_size=3, q_length=13, kv_length=13, mask_function=causal_mask_function,
+        attention_mask=mask, allow_is_causal_skip=False,
+    )  # fmt: skip
+    want, _ = sdpa_attention_forward(attn, query, key, value, mask4, scaling=0.25)
+    assert torch.equal(ours[mask], want[mask])
