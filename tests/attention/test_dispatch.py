@@ -123,3 +123,16 @@ def test_gpu_auto_uses_a_kernel_and_matches_sdpa():
     base = attention_reference(q, k, v, causal=True, upcast=False)
     for backend in ("auto", "triton", "sdpa"):
         assert_close(attention(q, k, v, causal=True, backend=backend), ref, base, name=backend)
+
+
+def test_import_is_light():
+    # kernels and transformers load on first use, never at import
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llamazh.attention; "
+        "heavy = {'triton', 'transformers'} & set(sys.modules); assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
