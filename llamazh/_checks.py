@@ -57,3 +57,18 @@ def check_new_path(name: str, path: str | os.PathLike[str], *, overwrite: bool =
             f"{name}={str(p)!r} already exists; choose a new path or pass overwrite=True"
         )
     return p
+
+
+def check_window_size(name: str, value: Any) -> tuple[int, int]:
+    """Return ``(left, right)`` if ``value`` is a pair of ints >= -1 (-1 = unbounded)."""
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    if ok:
+        ok = all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in value)
+    if not ok:
+        raise ValueError(f"{name} must be a pair of ints >= -1 (-1 = unbounded), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def check_softcap(name: str, value: Any) -> float:
+    """Return ``float(value)`` if it is a finite number >= 0 (0 disables the cap), else raise."""
+    return check_positive_float(name, value, strict=False)
