@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,13 @@ class MergeResult:
         padding: the appended unused padding pieces, in id order.
     """
 
-    proto: Any
+    proto: Any = field(repr=False)
     scores: str
     base_size: int
-    added: tuple[str, ...]
+    added: tuple[str, ...] = field(repr=False)
     skipped_present: int
     skipped_special: int
-    padding: tuple[str, ...]
+    padding: tuple[str, ...] = field(repr=False)
 
     @property
     def final_size(self) -> int:
