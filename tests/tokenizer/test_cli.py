@@ -20,9 +20,9 @@ def test_train_merge_report(tmp_path, llama2_model_path, corpus_path, capsys):
 
     out = tmp_path / "merged"
     argv = ["merge-tokenizer", str(llama2_model_path), str(model), str(out), "--scores", "rank"]
-    assert main([*argv, "--pad-to-multiple", "64"]) == 0
+    assert main([*argv, "--pad-to-multiple", "64", "--cjk-only"]) == 0
     printed = capsys.readouterr().out
-    assert "merged (rank): 32000 base" in printed
+    assert "merged (rank): 32000 base" in printed and "filtered out" in printed
     assert (out / "tokenizer.model").is_file() and (out / "tokenizer.json").is_file()
 
     assert main(["tokenizer-report", str(llama2_model_path), str(out), "--text", str(text)]) == 0
