@@ -18,7 +18,7 @@ tokenizers; nothing touches the network.
 
 from llamazh.tokenizer.efficiency import EfficiencyReport, encoding_efficiency
 from llamazh.tokenizer.export import build_fast_tokenizer, export_hf_tokenizer, tied_merge_pieces
-from llamazh.tokenizer.merge import MergeResult, merge_sentencepiece
+from llamazh.tokenizer.merge import MergeResult, has_cjk, merge_sentencepiece
 from llamazh.tokenizer.resize import RESIZE_INITS, resize_embeddings
 from llamazh.tokenizer.train import TRAIN_DEFAULTS, train_sentencepiece
 
@@ -30,6 +30,7 @@ __all__ = [
     "build_fast_tokenizer",
     "encoding_efficiency",
     "export_hf_tokenizer",
+    "has_cjk",
     "merge_sentencepiece",
     "resize_embeddings",
     "tied_merge_pieces",

@@ -45,15 +45,24 @@ def _merge(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--scores", choices=("seed", "rank"), default="seed")
     parser.add_argument("--pad-to-multiple", type=int, default=None, metavar="N")
     parser.add_argument("--pad-token", default=None, help="an existing piece to pad with")
+    parser.add_argument(
+        "--cjk-only",
+        action="store_true",
+        help="append only pieces holding a CJK character (English stays tokenized as in BASE)",
+    )
     parser.add_argument("--overwrite", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
-        from llamazh.tokenizer import export_hf_tokenizer, merge_sentencepiece
+        from llamazh.tokenizer import export_hf_tokenizer, has_cjk, merge_sentencepiece
 
         if Path(args.out).exists() and not args.overwrite:
             raise FileExistsError(f"OUT={args.out!r} already exists; pass --overwrite")
         result = merge_sentencepiece(
-            args.base, args.extra, scores=args.scores, pad_to_multiple=args.pad_to_multiple
+            args.base,
+            args.extra,
+            scores=args.scores,
+            pad_to_multiple=args.pad_to_multiple,
+            piece_filter=has_cjk if args.cjk_only else None,
         )
         export_hf_tokenizer(result, args.out, pad_token=args.pad_token, overwrite=args.overwrite)
         print(result)

@@ -14,6 +14,9 @@ the same score 0, and SentencePiece resolves them by position; no fixed rank ord
 pieces "AB" and "BA" alone force "ABA" -> AB|A and "BAB" -> BA|B). Its fast tokenizer is
 therefore only approximate, and :func:`export_hf_tokenizer` warns (:func:`tied_merge_pieces`).
 
+Not reproduced: USER_DEFINED pieces (sentencepiece matches them verbatim before BPE; Llama-2
+and merges of it have none) and normalizers other than identity (refused).
+
 The dummy prefix is done by a ``Prepend`` normalizer (SentencePiece adds "▁" even before a
 leading space; the ``Metaspace`` pre-tokenizer transformers' ``LlamaTokenizer`` rebuilds does
 not), which is why the configuration names ``PreTrainedTokenizerFast``: it loads

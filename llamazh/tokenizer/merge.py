@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,17 @@ class MergeResult:
         skipped_special: control, unknown, byte, user-defined and unused pieces of the extra
             model (never appended).
         padding: the appended unused padding pieces, in id order.
+        skipped_filtered: new normal pieces ``piece_filter`` rejected.
     """
 
-    proto: Any
+    proto: Any = field(repr=False)
     scores: str
     base_size: int
-    added: tuple[str, ...]
+    added: tuple[str, ...] = field(repr=False)
     skipped_present: int
     skipped_special: int
-    padding: tuple[str, ...]
+    padding: tuple[str, ...] = field(repr=False)
+    skipped_filtered: int = 0
 
     @property
     def final_size(self) -> int:
@@ -53,6 +56,7 @@ class MergeResult:
             "added": len(self.added),
             "skipped_present": self.skipped_present,
             "skipped_special": self.skipped_special,
+            "skipped_filtered": self.skipped_filtered,
             "padding": len(self.padding),
             "final_size": self.final_size,
         }
@@ -61,7 +65,9 @@ class MergeResult:
         return (
             f"merged ({self.scores}): {self.base_size} base + {len(self.added)} added "
             f"+ {len(self.padding)} padding = {self.final_size} pieces "
-            f"({self.skipped_present} already present, {self.skipped_special} special skipped)"
+            f"({self.skipped_present} already present, {self.skipped_special} special skipped"
+            + (f", {self.skipped_filtered} filtered out" if self.skipped_filtered else "")
+            + ")"
         )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -74,12 +80,38 @@ class MergeResult:
         return atomic_write_bytes(path, self.proto.SerializeToString())
 
 
+# CJK ideographs (unified, extensions, compatibility), CJK symbols and punctuation, CJK
+# compatibility forms, and full-width forms (Chinese punctuation such as "，" and "（").
+_CJK_RANGES = (
+    (0x3000, 0x303F),
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xF900, 0xFAFF),
+    (0xFE30, 0xFE4F),
+    (0xFF00, 0xFFEF),
+    (0x20000, 0x3FFFF),
+)
+
+
+def has_cjk(piece: str) -> bool:
+    """Whether ``piece`` holds a CJK character or CJK/full-width punctuation.
+
+    A ``piece_filter`` for Chinese merges: Latin-only pieces learned from English words in
+    Chinese text are left out, so the merged model tokenizes English exactly like the base.
+
+    Example: ``has_cjk("▁中国") is True``, ``has_cjk("），") is True``,
+    ``has_cjk("▁softmax") is False``.
+    """
+    return any(lo <= ord(ch) <= hi for ch in piece for lo, hi in _CJK_RANGES)
+
+
 def merge_sentencepiece(
     base: Any,
     extra: Any,
     *,
     scores: str = "seed",
     pad_to_multiple: int | None = None,
+    piece_filter: Callable[[str], bool] | None = None,
 ) -> MergeResult:
     """Append the normal pieces of ``extra`` that ``base`` lacks to ``base``.
 
@@ -105,6 +137,9 @@ def merge_sentencepiece(
         extra: the model whose pieces are added: path, bytes or ``ModelProto``.
         scores: ``"seed"`` or ``"rank"``.
         pad_to_multiple: pad the final size to a multiple of this, or ``None``.
+        piece_filter: append only the new pieces for which it returns true (skipped ones
+            count in ``skipped_filtered``); e.g. :func:`has_cjk` keeps Llama-2's English
+            tokenization bit for bit by appending only pieces that hold a CJK character.
 
     Returns:
         A :class:`MergeResult`; ``result.save(path)`` writes the ``.model``.
@@ -131,13 +166,16 @@ def merge_sentencepiece(
     present = {p.piece for p in merged.pieces}
     score = np.float32(min(p.score for p in merged.pieces))
     added: list[str] = []
-    skipped_present = skipped_special = 0
+    skipped_present = skipped_special = skipped_filtered = 0
     for piece in extra_proto.pieces:
         if piece.type != NORMAL:
             skipped_special += 1
             continue
         if piece.piece in present:
             skipped_present += 1
+            continue
+        if piece_filter is not None and not piece_filter(piece.piece):
+            skipped_filtered += 1
             continue
         new = merged.pieces.add()
         new.piece, new.type = piece.piece, NORMAL
@@ -168,4 +206,5 @@ def merge_sentencepiece(
         skipped_present=skipped_present,
         skipped_special=skipped_special,
         padding=tuple(padding),
+        skipped_filtered=skipped_filtered,
     )

@@ -151,3 +151,17 @@ def test_bad_inputs(tmp_path, llama2_model_path, corpus_path):
     unigram.trainer_spec.model_type = unigram.trainer_spec.UNIGRAM
     with pytest.raises(ValueError, match="base must be a BPE"):
         merge_sentencepiece(unigram, llama2_model_path)
+
+
+def test_cjk_filter_keeps_english_tokenization(llama2_model_path, zh_model_path, corpus_lines):
+    from llamazh.tokenizer import has_cjk
+
+    result = merge_sentencepiece(llama2_model_path, zh_model_path, piece_filter=has_cjk)
+    assert result.added and all(has_cjk(p) for p in result.added)
+    full = merge_sentencepiece(llama2_model_path, zh_model_path)
+    assert result.skipped_filtered == len(full.added) - len(result.added) > 0
+    assert "filtered out" in str(result)
+    base = spm.SentencePieceProcessor(model_file=str(llama2_model_path))
+    merged = spm.SentencePieceProcessor(model_proto=result.proto.SerializeToString())
+    english = corpus_lines["en_d2l"][:1000]
+    assert merged.encode(english) == base.encode(english)
