@@ -120,9 +120,11 @@ class CausalLMCollator:
 
     Packed mode (``pack=True``): one row (1, T) holding all examples back to back, with
     ``position_ids`` (1, T), ``cu_seq_lens_q``/``cu_seq_lens_k`` (n + 1,) int32 and
-    ``max_length_q``/``max_length_k``; no attention mask (transformers builds the block-diagonal
-    mask from ``position_ids``; flash-attention-style kernels read ``cu_seqlens``). The loss
-    equals the token-weighted loss of the examples run separately.
+    ``max_length_q``/``max_length_k`` and ``use_cache=False``; no attention mask: transformers
+    builds the block-diagonal mask from ``position_ids`` (only without a KV cache, hence
+    ``use_cache=False``), flash-attention-style kernels read ``cu_seqlens``. Pass the whole
+    dict to the model (``model(**batch)``). The loss equals the token-weighted loss of the
+    examples run separately.
 
     Args:
         pad_token_id: id used for padding (padded mode).
@@ -183,6 +185,9 @@ class CausalLMCollator:
             "cu_seq_lens_k": cu,
             "max_length_q": longest,
             "max_length_k": longest,
+            # transformers only builds the block-diagonal mask from position_ids when no KV
+            # cache exists, and an eval-mode model creates one unless told not to
+            "use_cache": False,
         }
 
 

@@ -330,21 +330,37 @@ def prepare_for_training(
                 changes,
             )
         if gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
-                raise TypeError(
-                    "gradient_checkpointing=True needs model.gradient_checkpointing_enable()"
-                )
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            changes.append(
-                Change("gradient checkpointing enabled", model.gradient_checkpointing_disable)
-            )
+            _enable_checkpointing(model, changes)
+        _disable_kv_cache(model, changes)
     except BaseException:
         prepared.undo()
         raise
     model.__dict__[ATTR] = prepared
     return prepared
+
+
+def _disable_kv_cache(model: nn.Module, changes: list[Change]) -> None:
+    """Training needs no KV cache, and with one transformers ignores packed position_ids."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
+        changes.append(
+            Change("config.use_cache: True -> False", lambda: setattr(config, "use_cache", True))
+        )
+
+
+def _enable_checkpointing(model: nn.Module, changes: list[Change]) -> None:
+    """Non-reentrant activation checkpointing (frozen embeddings need no input grads then)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        undo = model.activation_checkpointing_disable
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        undo = model.gradient_checkpointing_disable
+    else:
+        raise TypeError("gradient_checkpointing=True needs a transformers model")
+    changes.append(Change("activation checkpointing enabled", undo))
 
 
 def new_rows_modules(model: nn.Module) -> dict[str, _NewRows]:
