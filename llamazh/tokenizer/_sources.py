@@ -1,0 +1,95 @@
+"""One view over the tokenizers users hand us: SentencePiece models and Hugging Face ones."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from llamazh.tokenizer._proto import BYTE, ModelProto, load_proto
+
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+@dataclass(frozen=True)
+class TokenizerView:
+    """What efficiency and resizing need from a tokenizer, whatever its kind."""
+
+    kind: str  # "sentencepiece" | "hf"
+    obj: Any  # SentencePieceProcessor | transformers tokenizer | tokenizers.Tokenizer
+    pieces: tuple[str, ...]  # id -> piece (token string)
+    byte_ids: frozenset[int]
+    proto: Any = None  # the ModelProto for SentencePiece sources
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text, without BOS/EOS."""
+        if self.kind == "sentencepiece":
+            return self.obj.encode(texts)
+        if hasattr(self.obj, "encode_batch"):  # tokenizers.Tokenizer
+            return [e.ids for e in self.obj.encode_batch(texts, add_special_tokens=False)]
+        return self.obj(texts, add_special_tokens=False)["input_ids"]
+
+
+def as_view(value: Any, name: str) -> TokenizerView:
+    """Wrap a path / bytes / ``ModelProto`` / ``MergeResult`` / HF tokenizer.
+
+    Raises:
+        TypeError: ``value`` is none of those.
+        ValueError: a path or bytes is not a SentencePiece model.
+    """
+    if isinstance(value, (str, os.PathLike, bytes, bytearray, ModelProto)) or (
+        hasattr(value, "proto") and isinstance(value.proto, ModelProto)
+    ):
+        import sentencepiece as spm
+
+        proto = load_proto(value, name)
+        sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        pieces = tuple(p.piece for p in proto.pieces)
+        byte_ids = frozenset(i for i, p in enumerate(proto.pieces) if p.type == BYTE)
+        return TokenizerView("sentencepiece", sp, pieces, byte_ids, proto)
+    if isinstance(value, spm_processor_type()):
+        proto = ModelProto()
+        proto.ParseFromString(value.serialized_model_proto())
+        return as_view(proto, name)
+    backend = getattr(value, "backend_tokenizer", None)
+    if backend is None and type(value).__module__.startswith("tokenizers"):
+        backend = value
+    if backend is None:
+        raise TypeError(
+            f"{name} must be a SentencePiece model (path, bytes, ModelProto, MergeResult) or a "
+            f"Hugging Face fast tokenizer, got {type(value).__name__}"
+        )
+    size = backend.get_vocab_size(with_added_tokens=True)
+    pieces = tuple(backend.id_to_token(i) or "" for i in range(size))
+    byte_ids = frozenset(i for i, p in enumerate(pieces) if _BYTE_TOKEN.match(p))
+    return TokenizerView("hf", value, pieces, byte_ids)
+
+
+def spm_processor_type() -> type:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor
+
+
+def piece_splitter(view: TokenizerView) -> Any:
+    """A function: piece string -> ids ``view`` encodes exactly that piece into.
+
+    SentencePiece: the model with its dummy prefix turned off, on the piece with "▁" read as
+    a space. Hugging Face: the backend model run on the token string (no normalizer).
+    """
+    if view.kind == "sentencepiece":
+        import sentencepiece as spm
+
+        proto = ModelProto()
+        proto.CopyFrom(view.proto)
+        proto.normalizer_spec.add_dummy_prefix = False
+        proto.normalizer_spec.remove_extra_whitespaces = False
+        sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        return lambda piece: sp.encode(piece.replace("\u2581", " "))
+    backend = getattr(view.obj, "backend_tokenizer", view.obj)
+    model = backend.model
+    return lambda piece: [t.id for t in model.tokenize(piece)]

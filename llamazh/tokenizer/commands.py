@@ -1,0 +1,109 @@
+"""``llamazh`` subcommands for vocabulary extension: train-tokenizer, merge-tokenizer,
+tokenizer-report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from llamazh.cli import Handler, command
+
+
+@command("train-tokenizer", help="train a SentencePiece model suited to a LLaMA merge")
+def _train(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text, one line each")
+    parser.add_argument("-o", "--output", required=True, help="the .model file to write")
+    parser.add_argument("--vocab-size", type=int, default=20000)
+    parser.add_argument("--character-coverage", type=float, default=None)
+    parser.add_argument("--overwrite", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from llamazh.tokenizer import train_sentencepiece
+
+        extra = {}
+        if args.character_coverage is not None:
+            extra["character_coverage"] = args.character_coverage
+        out = train_sentencepiece(
+            args.files, args.output, vocab_size=args.vocab_size, overwrite=args.overwrite, **extra
+        )
+        print(f"wrote {out}")
+        return 0
+
+    return run
+
+
+@command(
+    "merge-tokenizer",
+    help="merge EXTRA into BASE and write OUT as a Hugging Face tokenizer directory",
+)
+def _merge(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("base", metavar="BASE", help="base SentencePiece .model (e.g. Llama-2)")
+    parser.add_argument("extra", metavar="EXTRA", help="SentencePiece .model to add")
+    parser.add_argument("out", metavar="OUT", help="directory to create")
+    parser.add_argument("--scores", choices=("seed", "rank"), default="seed")
+    parser.add_argument("--pad-to-multiple", type=int, default=None, metavar="N")
+    parser.add_argument("--pad-token", default=None, help="an existing piece to pad with")
+    parser.add_argument(
+        "--cjk-only",
+        action="store_true",
+        help="append only pieces holding a CJK character (English stays tokenized as in BASE)",
+    )
+    parser.add_argument("--overwrite", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from llamazh.tokenizer import export_hf_tokenizer, has_cjk, merge_sentencepiece
+
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"OUT={args.out!r} already exists; pass --overwrite")
+        result = merge_sentencepiece(
+            args.base,
+            args.extra,
+            scores=args.scores,
+            pad_to_multiple=args.pad_to_multiple,
+            piece_filter=has_cjk if args.cjk_only else None,
+        )
+        export_hf_tokenizer(result, args.out, pad_token=args.pad_token, overwrite=args.overwrite)
+        print(result)
+        print(f"wrote {args.out}")
+        return 0
+
+    return run
+
+
+@command("tokenizer-report", help="tokens per character of tokenizers on text files")
+def _report(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument(
+        "tokenizers",
+        nargs="+",
+        metavar="TOKENIZER",
+        help="a SentencePiece .model or a Hugging Face tokenizer directory",
+    )
+    parser.add_argument("--text", nargs="+", required=True, metavar="FILE")
+    parser.add_argument("--json", action="store_true", help="print the dict form as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from llamazh.tokenizer import encoding_efficiency
+
+        toks: dict[str, Any] = {}
+        for spec in args.tokenizers:
+            path = Path(spec)
+            name = path.name if path.is_dir() else path.stem
+            toks[name if name not in toks else spec] = _load_tokenizer(path)
+        texts = {Path(t).stem: t for t in args.text}
+        report = encoding_efficiency(toks, texts)
+        print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
+        return 0
+
+    return run
+
+
+def _load_tokenizer(path: Path) -> Any:
+    if path.is_dir():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"TOKENIZER {str(path)!r} is neither a .model file nor a directory")
+    return path

@@ -1,0 +1,81 @@
+"""resize_embeddings on a tiny Llama with the Llama-2 vocabulary, against an independent
+oracle: the subword split comes from the fast tokenizer's BPE model, not sentencepiece."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llamazh.testing import tiny_llama
+from llamazh.tokenizer import build_fast_tokenizer, resize_embeddings
+
+
+def _model(tied=False, dtype=torch.float32):
+    return tiny_llama(seed=0, dtype=dtype, vocab_size=32000, tie_word_embeddings=tied)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_old_rows_bit_identical_and_subword_mean(llama2_model_path, merged_rank, dtype):
+    model = _model(dtype=dtype)
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    head0 = model.get_output_embeddings().weight.detach().clone()
+    ids = resize_embeddings(model, llama2_model_path, merged_rank)
+    n_old, n_new = 32000, merged_rank.final_size
+    assert ids.dtype == torch.int64 and torch.equal(ids, torch.arange(n_old, n_new))
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.shape == (n_new, 64) and head.shape == (n_new, 64) and emb.dtype == dtype
+    assert torch.equal(emb[:n_old], emb0) and torch.equal(head[:n_old], head0)
+    assert model.config.vocab_size == n_new
+    oracle = build_fast_tokenizer(llama2_model_path).model
+    for new_id in [n_old, n_old + 7, (n_old + n_new) // 2, n_new - 1]:
+        split = [t.id for t in oracle.tokenize(merged_rank.proto.pieces[new_id].piece)]
+        for got, table in [(emb, emb0), (head, head0)]:
+            want = table[split].float().mean(0).to(dtype)
+            assert torch.equal(got[new_id], want), (new_id, split)
+    out = model(torch.tensor([[1, n_new - 1, 5]])).logits
+    assert out.shape == (1, 3, n_new) and torch.isfinite(out).all()
+
+
+def test_mean_init_tied_and_padding(llama2_model_path, zh_model_path):
+    from llamazh.tokenizer import merge_sentencepiece
+
+    merged = merge_sentencepiece(llama2_model_path, zh_model_path, pad_to_multiple=128)
+    model = _model(tied=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    resize_embeddings(model, llama2_model_path, merged, init="mean")
+    emb = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is emb
+    assert torch.equal(emb[:32000], emb0)
+    mean = emb0.mean(0)
+    assert torch.equal(emb[32000:], mean.expand(merged.final_size - 32000, -1))
+    # padding pieces have no text: subword_mean gives them the mean row too
+    model = _model()
+    resize_embeddings(model, llama2_model_path, merged)
+    assert torch.equal(model.get_input_embeddings().weight[-1], mean)
+
+
+@settings(max_examples=3)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_normal_init_is_seeded(llama2_model_path, merged_rank, seed):
+    rows = []
+    for _ in range(2):
+        model = _model()
+        g = torch.Generator().manual_seed(seed)
+        resize_embeddings(model, llama2_model_path, merged_rank, init="normal", generator=g)
+        rows.append(model.get_input_embeddings().weight[32000:].detach())
+    assert torch.equal(rows[0], rows[1])
+    std = model.config.initializer_range
+    assert abs(rows[0].std().item() - std) < 0.1 * std and abs(rows[0].mean().item()) < 0.1 * std
+
+
+def test_errors(llama2_model_path, merged_rank, zh_model_path):
+    model = tiny_llama(vocab_size=31999)
+    with pytest.raises(ValueError, match="31999 input embedding rows but old_tokenizer has 32000"):
+        resize_embeddings(model, llama2_model_path, merged_rank)
+    with pytest.raises(ValueError, match="new_tokenizer must extend old_tokenizer"):
+        resize_embeddings(_model(), llama2_model_path, zh_model_path)
+    with pytest.raises(ValueError, match="init must be one of"):
+        resize_embeddings(_model(), llama2_model_path, merged_rank, init="zeros")
