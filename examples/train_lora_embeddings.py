@@ -42,8 +42,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--zh-vocab-size", type=int, default=3000)
     parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--embedding-lr", type=float, default=2e-2)
     args = parser.parse_args()
     torch.manual_seed(0)
     llama2, corpus = data_path("tokenizers/llama2.model"), data_path("corpus/zh_d2l.txt")
@@ -77,7 +78,7 @@ def main() -> None:
     lines = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
     blocks = group_into_blocks(sp.encode(lines), args.block_size, eos_token_id=sp.eos_id())
     blocks = blocks[torch.randperm(len(blocks))]
-    held_out, train = blocks[:64], blocks[64:]
+    held_out, train = blocks[:32], blocks[32:]
     print(f"{len(train)} training blocks of {args.block_size} tokens, {len(held_out)} held out")
 
     # 4. LoRA on q,k,v,o,gate,up,down + only the new rows of embed_tokens and lm_head
@@ -91,7 +92,9 @@ def main() -> None:
         new_token_ids=new_ids,
     )
     print(prepared.report())
-    optimizer = torch.optim.AdamW(prepared.param_groups(args.lr, weight_decay=0.01))
+    optimizer = torch.optim.AdamW(
+        prepared.param_groups(args.lr, weight_decay=0.01, embedding_lr=args.embedding_lr)
+    )
     warmup = max(1, args.steps // 20)  # linear warm-up, then cosine decay to 10%
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from llamazh._atomic import atomic_dir
 from llamazh.training.config import AdapterConfig
-from llamazh.training.embeddings import _NewRows
 from llamazh.training.lora import LoRALinear
 from llamazh.training.prepare import PreparedModel, prepare_for_training, prepared_of
 
@@ -297,7 +296,3 @@ def _load_into(prepared: PreparedModel, tensors: dict[str, Tensor], path) -> Non
             else:
                 target = model.get_parameter(key)
             target.copy_(tensors[key].to(target.dtype))
-
-
-def is_new_rows(module: nn.Module) -> bool:
-    return isinstance(module, _NewRows)

@@ -201,6 +201,8 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, *, reduction: str = "mean") -
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B, S-1, V) -> (N, V)
-    target = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shifted, target, ignore_index=IGNORE_INDEX, reduction=reduction)
+    # shift the labels, not the logits: slicing (B, S, V) would cost a full-size zero-filled
+    # gradient buffer in backward
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # (B, S) -> (B*S,)
+    flat = logits.reshape(-1, logits.shape[-1]).float()  # (B, S, V) -> (B*S, V)
+    return F.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction=reduction)

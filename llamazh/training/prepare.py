@@ -230,7 +230,8 @@ def prepare_for_training(
         new_token_ids: int64 (n,) ids of the added tokens (``llamazh.tokenizer.resize_embeddings``
             returns them); required by ``"new_rows"``.
         adapter_dtype: dtype of the LoRA factors and new rows (fp32 by default; None = the base's).
-        gradient_checkpointing: call ``model.gradient_checkpointing_enable`` (non-reentrant).
+        gradient_checkpointing: enable transformers' activation checkpointing (non-reentrant).
+            ``config.use_cache`` is set to False in any case (undone by ``undo()``).
         base_model_name_or_path: recorded in the saved ``adapter_config.json``.
 
     Returns:

@@ -175,3 +175,26 @@ def test_merged_model_loads_adapter_free_and_matches_peft_merge(
         _load(base).double(), tmp_path / "a", adapter_dtype=torch.float64
     ).model
     assert_close(ours(input_ids).logits, reference(input_ids).logits, peft_merged(input_ids).logits)
+
+
+def test_bf16_base_gets_the_fp32_update_rounded_once(tmp_path, make_model, perturb):
+    from safetensors.torch import load_file
+
+    base_model = make_model().to(torch.bfloat16)
+    base_model.save_pretrained(str(tmp_path / "base"))
+    prepared = prepare_for_training(
+        _load(tmp_path / "base").to(torch.bfloat16),
+        rank=4,
+        alpha=8,
+        embeddings="frozen",
+        lm_head="frozen",
+    )
+    perturb(prepared)
+    save_adapter(prepared, tmp_path / "a")
+    out = merge_adapters(tmp_path / "base", tmp_path / "a", tmp_path / "m", progress=False)
+    merged = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    lora = prepared.lora_modules()[name]
+    expected = (lora.base_layer.weight.float() + lora.delta_weight()).to(torch.bfloat16)
+    assert merged[f"{name}.weight"].dtype == torch.bfloat16
+    assert torch.equal(merged[f"{name}.weight"], expected)
