@@ -31,13 +31,18 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    train(args.out, getattr(torch, args.dtype))
+
+
+def train(out: Path, dtype: torch.dtype) -> None:
+    """Train and write ``out/losses.json`` and ``out/adapter`` (rank 0)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world > 1:
         torch.distributed.init_process_group("gloo")
         rank = torch.distributed.get_rank()
-    torch.set_num_threads(1)
+    if world > 1:
+        torch.set_num_threads(1)
 
     model = tiny_llama(seed=0, dtype=dtype, vocab_size=256).train()
     prepared = prepare_for_training(
@@ -78,9 +83,9 @@ def main() -> None:
             torch.distributed.all_reduce(global_loss)
             global_loss /= world
         losses.append(global_loss.item())
-    save_adapter(prepared, args.out / "adapter", overwrite=True)
+    save_adapter(prepared, out / "adapter", overwrite=True)
     if rank == 0:
-        (args.out / "losses.json").write_text(json.dumps(losses))
+        (out / "losses.json").write_text(json.dumps(losses))
     if world > 1:
         torch.distributed.destroy_process_group()
 

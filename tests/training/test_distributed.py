@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -40,29 +41,24 @@ def _run(args: list[str], out: Path) -> list[float]:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-def test_fsdp2_two_processes_match_one_process(tmp_path):
+def test_fsdp2_two_processes_match_one_process(tmp_path, monkeypatch):
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
     from torch.distributed.fsdp import fully_shard  # noqa: F401
 
-    runs = {}
-    for name, args in {
-        "fsdp2": [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            str(WORKER),
-        ],
-        "single": [str(WORKER)],
-        "single64": [str(WORKER), "--dtype", "float64"],
-    }.items():
-        out = tmp_path / name
-        out.mkdir()
-        runs[name] = _run([*args, str(out)], out)
+    out = tmp_path / "fsdp2"
+    out.mkdir()
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    runs = {
+        "fsdp2": _run([*launch, "--master_port", str(_free_port()), str(WORKER), str(out)], out)
+    }
+    # the one-process references run here (same code, no process group, no sharding)
+    spec = importlib.util.spec_from_file_location("fsdp_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    for name, dtype in (("single", torch.float32), ("single64", torch.float64)):
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        worker.train(tmp_path / name, dtype)
+        runs[name] = json.loads((tmp_path / name / "losses.json").read_text())
     losses = {
         k: torch.tensor(v, dtype=torch.float64 if k == "single64" else torch.float32)
         for k, v in runs.items()
