@@ -1,0 +1,298 @@
+"""Save and load adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Key layout (peft 0.21, what ``PeftModel.save_pretrained`` writes and ``from_pretrained`` reads):
+
+* LoRA: ``base_model.model.<module>.lora_A.weight`` (r, in), ``...lora_B.weight`` (out, r);
+* embeddings/lm_head trained in full (``modules_to_save``): ``base_model.model.<module>.weight``;
+* new rows (``trainable_token_indices``): ``base_model.model.<module>.token_adapter.
+  trainable_tokens_delta`` (n, H); despite the name these are the rows' values, not deltas.
+  With tied weights only the embedding's entry is written and PEFT ties the lm_head to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llamazh._atomic import atomic_dir
+from llamazh.training.config import AdapterConfig
+from llamazh.training.lora import LoRALinear
+from llamazh.training.prepare import PreparedModel, prepare_for_training, prepared_of
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+def _full(t: Tensor) -> Tensor:
+    """A plain CPU tensor (gathers an FSDP2/DTensor shard: a collective on every rank)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu().contiguous()
+
+
+def adapter_state_dict(prepared: PreparedModel) -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's keys (see the module docstring), on the CPU."""
+    model, cfg = prepared.model, prepared.config
+    out: dict[str, Tensor] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            out[f"{PREFIX}{name}.lora_A.weight"] = _full(m.lora_A.weight)
+            out[f"{PREFIX}{name}.lora_B.weight"] = _full(m.lora_B.weight)
+    for name, mode in ((prepared.embed_name, cfg.embeddings), (prepared.head_name, cfg.lm_head)):
+        module = model.get_submodule(name)
+        if mode == "full":
+            out[f"{PREFIX}{name}.weight"] = _full(module.weight).clone()
+        elif mode == "new_rows" and not (prepared.tied and name == prepared.head_name):
+            out[f"{PREFIX}{name}{ROWS_SUFFIX}"] = _full(module.rows)
+    return out
+
+
+def save_adapter(
+    model: nn.Module | PreparedModel,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    tokenizer: Any = None,
+) -> Path:
+    """Write a prepared model's adapter as a PEFT adapter directory, atomically.
+
+    ``peft.PeftModel.from_pretrained(base, out_dir)`` on the stock base model (resized to the
+    same vocabulary) reproduces this model's logits. Under ``torch.distributed`` call it on
+    every rank: sharded tensors are gathered and rank 0 writes.
+
+    Args:
+        model: a :class:`PreparedModel` or a model passed through :func:`prepare_for_training`.
+        out_dir: the adapter directory to create.
+        overwrite: replace an existing ``out_dir``.
+        tokenizer: optional; its ``save_pretrained`` is called into the directory (the merged
+            model takes its tokenizer from the last adapter that carries one).
+
+    Returns:
+        ``Path(out_dir)``.
+
+    Raises:
+        ValueError: the model was not prepared. FileExistsError: ``out_dir`` exists.
+
+    Example:
+        >>> save_adapter(prepared, "runs/zh-lora", tokenizer=tokenizer)
+    """
+    prepared = prepared_of(model)
+    if prepared is None:
+        raise ValueError("model was not prepared with prepare_for_training or load_adapter")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:  # fail before any collective work
+        raise FileExistsError(f"{str(out)!r} already exists; pass overwrite=True to replace it")
+    tensors = adapter_state_dict(prepared)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+        return out
+    from safetensors.torch import save_file
+
+    embed_short = prepared.embed_name.rpartition(".")[2]
+    head_short = prepared.head_name.rpartition(".")[2]
+    config = prepared.config.to_peft(
+        embed_name=embed_short, head_name=head_short, tied=prepared.tied
+    )
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def read_adapter(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False
+) -> tuple[dict, dict[str, Tensor]]:
+    """Read ``(adapter_config dict, tensors)`` from an adapter directory, keys normalised to
+    ``<module>.lora_A.weight`` / ``<module>.weight`` / ``<module>.token_adapter...`` (no prefix).
+
+    Raises:
+        FileNotFoundError: no ``adapter_config.json`` or no weights file.
+        ValueError: only a pickled ``adapter_model.bin`` exists and ``allow_pickle`` is false.
+    """
+    root = Path(path)
+    cfg_path = root / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{str(root)!r} is not an adapter directory: no {CONFIG_NAME}")
+    config = json.loads(cfg_path.read_text())
+    if (root / WEIGHTS_NAME).is_file():
+        from safetensors.torch import load_file
+
+        raw = load_file(str(root / WEIGHTS_NAME))
+    elif (root / PICKLE_NAME).is_file():
+        if not allow_pickle:
+            raise ValueError(
+                f"{str(root / PICKLE_NAME)!r} is a pickled adapter; it is not loaded unless you "
+                "pass allow_pickle=True (then torch.load(weights_only=True) reads tensors only)"
+            )
+        raw = torch.load(root / PICKLE_NAME, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{str(root)!r} has neither {WEIGHTS_NAME} nor {PICKLE_NAME}")
+    tensors = {}
+    for key, value in raw.items():
+        key = key.removeprefix(PREFIX)
+        key = re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", key)  # adapter name
+        key = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+        key = key.replace(".original_module.", ".")
+        tensors[key] = value
+    return config, tensors
+
+
+def _expected(prepared: PreparedModel) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v) for k, v in _shapes(prepared).items()}
+
+
+def _shapes(prepared: PreparedModel) -> dict[str, torch.Size]:
+    model, cfg = prepared.model, prepared.config
+    out: dict[str, torch.Size] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            out[f"{name}.lora_A.weight"] = m.lora_A.weight.shape
+            out[f"{name}.lora_B.weight"] = m.lora_B.weight.shape
+    for name, mode in ((prepared.embed_name, cfg.embeddings), (prepared.head_name, cfg.lm_head)):
+        module = model.get_submodule(name)
+        if prepared.tied and name == prepared.head_name:
+            continue  # one matrix; a second copy in the file is checked by _load_into
+        if mode == "full":
+            out[f"{name}.weight"] = module.weight.shape
+        elif mode == "new_rows":
+            out[f"{name}{ROWS_SUFFIX}"] = module.rows.shape
+    return out
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    trainable: bool = False,
+    allow_pickle: bool = False,
+    adapter_dtype: torch.dtype | None = torch.float32,
+) -> PreparedModel:
+    """Load a PEFT-format LoRA adapter (ours or one PEFT wrote) onto ``model``.
+
+    An unprepared model is prepared from the adapter's config first; a prepared one (resuming
+    training) must have the same layout. Loading is strict: every tensor the layout needs must
+    be in the file with the right shape, and nothing else may be.
+
+    Args:
+        model: the base causal LM, already resized to the adapter's vocabulary if it was extended.
+        path: the adapter directory.
+        trainable: leave the adapter's parameters trainable (default: frozen, for inference).
+        allow_pickle: read a pickled ``adapter_model.bin`` with ``torch.load(weights_only=True)``.
+        adapter_dtype: dtype of the LoRA factors and new rows when the model is prepared here.
+
+    Returns:
+        The :class:`PreparedModel`.
+
+    Raises:
+        ValueError: vocabulary or shape mismatch, missing/unexpected tensors, unsupported PEFT
+            features, a pickled file without ``allow_pickle`` (the model is left unchanged).
+
+    Example:
+        >>> prepared = load_adapter(base_model, "runs/zh-lora")
+        >>> logits = prepared.model(input_ids).logits
+    """
+    config, tensors = read_adapter(path, allow_pickle=allow_pickle)
+    prepared = prepared_of(model)
+    created = prepared is None
+    if created:
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        names = {m: n for n, m in model.named_modules() if m is embed or m is head}
+        cfg = AdapterConfig.from_peft(
+            config,
+            embed_name=names[embed].rpartition(".")[2],
+            head_name=names[head].rpartition(".")[2],
+        )
+        _check_vocab(cfg, tensors, names[embed], names[head], embed.weight.shape[0], path)
+        prepared = prepare_for_training(
+            model,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            target_modules=cfg.target_modules,
+            embeddings=cfg.embeddings,
+            lm_head=cfg.lm_head,
+            new_token_ids=cfg.new_token_ids,
+            rslora=cfg.rslora,
+            adapter_dtype=adapter_dtype,
+            base_model_name_or_path=cfg.base_model_name_or_path,
+        )
+    try:
+        _load_into(prepared, tensors, path)
+    except BaseException:
+        if created:
+            prepared.undo()
+        raise
+    for group in prepared.named_trainable().values():
+        for _, p in group:
+            p.requires_grad_(trainable)
+    return prepared
+
+
+def _check_vocab(cfg, tensors, embed_name, head_name, vocab, path) -> None:
+    for name in (embed_name, head_name):
+        t = tensors.get(f"{name}.weight")
+        if t is not None and t.shape[0] != vocab:
+            raise ValueError(
+                f"adapter {str(path)!r} has a {name} with vocabulary {t.shape[0]} but the model "
+                f"has {vocab}; resize the model to the adapter's tokenizer first "
+                "(llamazh.tokenizer.resize_embeddings)"
+            )
+    bad = [i for i in cfg.new_token_ids if i >= vocab]
+    if bad:
+        raise ValueError(
+            f"adapter {str(path)!r} trains token ids up to {max(bad)} but the model's vocabulary "
+            f"is {vocab}; resize the model to the adapter's tokenizer first"
+        )
+
+
+def _load_into(prepared: PreparedModel, tensors: dict[str, Tensor], path) -> None:
+    expected = _expected(prepared)
+    head_key = f"{prepared.head_name}.weight"
+    extra = {k: v for k, v in tensors.items() if k not in expected}
+    tied_copy = extra.pop(head_key) if prepared.tied and head_key in extra else None
+    # PEFT writes both copies of a tied matrix; they must agree
+    embed_key = f"{prepared.embed_name}.weight"
+    if tied_copy is not None and not torch.equal(tied_copy, tensors.get(embed_key, tied_copy)):
+        raise ValueError(
+            f"adapter {str(path)!r} has different embed and lm_head matrices but the model "
+            "ties them; load it into a model with tie_word_embeddings=False"
+        )
+    tied_rows = f"{prepared.head_name}{ROWS_SUFFIX}"
+    if prepared.tied and tied_rows in extra:
+        extra.pop(tied_rows)
+    missing = sorted(k for k in expected if k not in tensors)
+    if missing or extra:
+        raise ValueError(
+            f"adapter {str(path)!r} does not match the model: missing {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''} ({len(missing)}), unexpected "
+            f"{sorted(extra)[:4]} ({len(extra)}); check target_modules and the embedding modes"
+        )
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {s}"
+        for k, s in expected.items()
+        if tuple(tensors[k].shape) != s
+    ]
+    if wrong:
+        raise ValueError(f"adapter {str(path)!r} has tensors of the wrong shape: {wrong[:4]}")
+    model = prepared.model
+    with torch.no_grad():
+        for key in expected:
+            if key.endswith(ROWS_SUFFIX):
+                target = model.get_submodule(key.removesuffix(ROWS_SUFFIX)).rows
+            else:
+                target = model.get_parameter(key)
+            target.copy_(tensors[key].to(target.dtype))
