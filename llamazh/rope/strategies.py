@@ -87,6 +87,11 @@ class RopeScaling:
         return False
 
     @property
+    def hf_native(self) -> bool:
+        """Whether stock transformers implements this strategy (``to_hf`` loads without us)."""
+        return not self.to_hf()["rope_type"].startswith("llamazh_")
+
+    @property
     def original_length(self) -> int | None:
         """The length below which a dynamic strategy equals plain RoPE (``None`` if static)."""
         return None
