@@ -10,27 +10,23 @@ Strategies (frozen dataclasses, one method ``inv_freq(head_dim, base, *, seq_len
 ``config.rope_parameters``.
 
 Dynamic strategies and the KV cache: a dynamic strategy picks its frequencies from the current
-length, but keys already in a KV cache were rotated with the frequencies of the length at the
-time they were written. During generation past the original length, old keys and new queries
-then disagree (transformers' dynamic NTK has this property; its outputs differ from a
-no-cache forward of the same text). ``llamazh.patch(model, rope=..., cache_consistent=True)``
-is not offered; instead :func:`llamazh.integrations.hf_rope.patch_rope` takes
-``consistent_cache=True``, which caches keys *unrotated* and rotates the whole cache with the
-current frequencies at every step (exactly a no-cache forward, at the cost of rotating the
-cached keys once per step).
+length, but keys already in a KV cache were rotated with the frequencies of the length at which
+they were written, so past the original length cached keys and new queries disagree
+(transformers' dynamic NTK behaves so: decoding through the cache differs from one forward of
+the same text). :func:`llamazh.integrations.hf_rope.patch_rope` with ``consistent_cache=True``
+caches keys unrotated and rotates all of them with the current frequencies at every step.
 """
 
 from llamazh.rope.apply import RotaryEmbedding, apply_rotary, apply_rotary_reference
+from llamazh.rope.band_strategies import Llama3Scaling, YaRNScaling
 from llamazh.rope.config import REGISTRY, from_hf
 from llamazh.rope.strategies import (
     AdaptiveNTKScaling,
     DynamicNTKScaling,
     LinearScaling,
-    Llama3Scaling,
     NoScaling,
     NTKScaling,
     RopeScaling,
-    YaRNScaling,
 )
 from llamazh.rope.tables import rope_cos_sin
 

@@ -6,15 +6,14 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from llamazh.rope.band_strategies import Llama3Scaling, YaRNScaling
 from llamazh.rope.strategies import (
     AdaptiveNTKScaling,
     DynamicNTKScaling,
     LinearScaling,
-    Llama3Scaling,
     NoScaling,
     NTKScaling,
     RopeScaling,
-    YaRNScaling,
 )
 
 __all__ = ["HF_MODEL_KEYS", "REGISTRY", "from_hf"]
@@ -28,8 +27,6 @@ REGISTRY: dict[str, type[RopeScaling]] = {
         NTKScaling,
         DynamicNTKScaling,
         AdaptiveNTKScaling,
-        YaRNScaling,
-        Llama3Scaling,
     )
 }
 
