@@ -27,6 +27,8 @@ REGISTRY: dict[str, type[RopeScaling]] = {
         NTKScaling,
         DynamicNTKScaling,
         AdaptiveNTKScaling,
+        YaRNScaling,
+        Llama3Scaling,
     )
 }
 
