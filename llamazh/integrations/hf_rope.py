@@ -130,11 +130,28 @@ def patch_rope(
             f"{type(model).__name__} has no rotary embedding with LlamaRotaryEmbedding's "
             "contract (inv_freq, attention_scaling, rope_type, config)"
         )
+    attentions = [(n, m) for n, m in model.named_modules() if _fusable_attention(m)]
+    if consistent_cache and (not attentions or len(rotaries) != 1):
+        raise ValueError(
+            "consistent_cache=True needs one rotary embedding and Llama/Mistral/Qwen2-style "
+            f"attention modules; {type(model).__name__} has neither"
+        )
+    changes: list[Change] = []
+    try:
+        _patch(model, strategy, params, rotaries, attentions, consistent_cache, fused, changes)
+    except BaseException:
+        for change in reversed(changes):  # leave the model as it was
+            change.undo()
+        raise
+    return changes
+
+
+def _patch(model, strategy, params, rotaries, attentions, consistent_cache, fused, changes):
+    """The body of :func:`patch_rope`; appends to ``changes`` as it goes (for the rollback)."""
+    config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     base = float(params.get("rope_theta", 10000.0))
-    changes: list[Change] = []
-
     new_params = {k: params[k] for k in ("rope_theta", "partial_rotary_factor") if k in params}
     new_params.update(strategy.to_hf())
     max_pos = config.max_position_embeddings
@@ -164,19 +181,12 @@ def patch_rope(
             forward = types.MethodType(_rotary_forward, rotary)
             _set(rotary, "forward", forward, f"{prefix}forward -> llamazh", changes)
 
-    attentions = [(n, m) for n, m in model.named_modules() if _fusable_attention(m)]
-    if consistent_cache and (not attentions or len(rotaries) != 1):
-        raise ValueError(
-            "consistent_cache=True needs one rotary embedding and Llama/Mistral/Qwen2-style "
-            f"attention modules; {type(model).__name__} has neither"
-        )
     if fused or consistent_cache:
         rotary = rotaries[0][1] if consistent_cache else None
         for name, attention in attentions:
             _set(attention, "_llamazh_rotary", rotary, f"{name}: rotary", changes)
             forward = types.MethodType(_attention_forward, attention)
             _set(attention, "forward", forward, f"{name}.forward -> llamazh rotary", changes)
-    return changes
 
 
 def _fusable_attention(module: torch.nn.Module) -> bool:

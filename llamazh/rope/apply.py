@@ -306,7 +306,7 @@ class RotaryEmbedding(nn.Module):
             )
             self.inv_freq.copy_(inv_freq)
             self.max_seq_len_cached = seq_len
-        elif seq_len <= original < self.max_seq_len_cached:
+        elif seq_len < original < self.max_seq_len_cached:  # transformers: strictly shorter
             self.inv_freq.copy_(self.original_inv_freq)
             self.attention_factor = self.strategy.inv_freq(self.rotary_dim, self.base)[1]
             self.max_seq_len_cached = original

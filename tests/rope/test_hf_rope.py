@@ -199,6 +199,7 @@ def test_errors():
         for layer in bare.model.layers:
             layer.self_attn.q_norm = torch.nn.Identity()  # looks like Qwen3 now
         patch_rope(bare, DynamicNTKScaling(2.0, 16), consistent_cache=True)
+    assert bare.config.rope_parameters == {"rope_theta": 10000.0, "rope_type": "default"}
     assert from_hf({"rope_type": "default"}) == NoScaling()
 
 
@@ -216,3 +217,44 @@ def test_fused_kernel_in_patched_model_on_gpu():
         generated = model.generate(ids[:, :8], max_new_tokens=16, do_sample=False)
     assert_close(patched, reference, baseline)
     assert generated.shape == (2, 24)
+
+
+def test_patched_model_through_the_kernel(device, monkeypatch):
+    """The CUDA path of the patched attention (Triton kernel; the interpreter on CPU)."""
+    import functools
+
+    import llamazh.integrations.hf_rope as hf_rope
+    from llamazh.rope import apply_rotary
+    from llamazh.testing import assert_close
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return apply_rotary(*args, **{**kwargs, "backend": "triton"})
+
+    monkeypatch.setattr(hf_rope, "apply_rotary", functools.wraps(apply_rotary)(counting))
+    strategy = YaRNScaling(4.0, 8)
+    ids = _ids(12).to(device)
+    reference = _native(strategy).double().to(device)(ids).logits
+    native = _native(strategy).to(device)
+    model = tiny_llama().to(device)
+    with llamazh.patch(model, rope=strategy):
+        assert_close(model(ids).logits, reference, native(ids).logits)
+        assert len(calls) == 2  # one fused q/k rotation per layer
+        ours = model.generate(ids[:, :6], max_new_tokens=4, do_sample=False)
+    assert torch.equal(ours, native.generate(ids[:, :6], max_new_tokens=4, do_sample=False))
+
+
+def test_a_failure_half_way_leaves_the_model_untouched(monkeypatch):
+    import llamazh.integrations.hf_rope as hf_rope
+
+    model = tiny_llama()
+    ids = _ids(8)
+    before = model(ids).logits
+    monkeypatch.setattr(hf_rope, "_attention_forward", None)  # binding it will fail
+    with pytest.raises(TypeError):
+        llamazh.patch(model, rope=NTKScaling(2.0))
+    assert model.config.rope_parameters == {"rope_theta": 10000.0, "rope_type": "default"}
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(model(ids).logits, before)
