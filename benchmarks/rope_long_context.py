@@ -77,7 +77,10 @@ def tokenize(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor
     return {k: lookup[v] for k, v in train.items()}, {k: lookup[v] for k, v in held.items()}, kept
 
 
-def train(train_ids: dict[str, torch.Tensor], seconds: float, seed: int, log: list) -> object:
+def train(
+    train_ids: dict[str, torch.Tensor], seconds: float, seed: int, log: list, model=None
+) -> object:
+    """Train ``model`` (a new tiny Llama when ``None``) for ``seconds`` of wall time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -86,7 +89,8 @@ def train(train_ids: dict[str, torch.Tensor], seconds: float, seed: int, log: li
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=TRAIN_LENGTH,
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
     )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = model.train() if model is not None else LlamaForCausalLM(config)
+    first_step = log[-1]["step"] + 1 if log else 0
     stream = torch.cat(list(train_ids.values()))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
@@ -107,7 +111,9 @@ def train(train_ids: dict[str, torch.Tensor], seconds: float, seed: int, log: li
         opt.zero_grad(set_to_none=True)
         if step % 25 == 0:
             value = float(loss.detach())
-            log.append({"step": step, "seconds": round(elapsed, 1), "loss": round(value, 4)})
+            log.append(
+                {"step": first_step + step, "seconds": round(elapsed, 1), "loss": round(value, 4)}
+            )
             print(f"step {step:5d}  {elapsed:6.0f}s  loss {value:.3f}", flush=True)
         step += 1
     return model.eval()
@@ -137,6 +143,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--windows", type=int, default=6, help="windows per length")
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument(
+        "--more-seconds", type=float, default=0.0, help="continue training the cached model"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -144,9 +153,14 @@ def main() -> None:
 
     model_dir = args.out / "tiny_llama"
     train_ids, held, kept = tokenize(args.seed)
-    if args.retrain or not (model_dir / "config.json").is_file():
+    fresh = args.retrain or not (model_dir / "config.json").is_file()
+    if fresh or args.more_seconds > 0:
         log: list = []
-        model = train(train_ids, args.train_seconds, args.seed, log)
+        model, seconds = None, args.train_seconds
+        if not fresh:
+            log = json.loads((model_dir / "training_log.json").read_text())
+            model, seconds = AutoModelForCausalLM.from_pretrained(model_dir), args.more_seconds
+        model = train(train_ids, seconds, args.seed + len(log), log, model)
         with atomic_dir(model_dir, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
