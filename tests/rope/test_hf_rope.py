@@ -97,15 +97,13 @@ def test_llamazh_only_strategies_save_and_load(strategy, tmp_path):
     handle.undo()
 
 
-@pytest.mark.parametrize(
-    "strategy", [LinearScaling(4.0), YaRNScaling(4.0, 16), NTKScaling(2.0)], ids=repr
-)
+@pytest.mark.parametrize("strategy", [YaRNScaling(4.0, 16), NTKScaling(2.0)], ids=repr)
 def test_generation_with_cache(strategy):
     model = tiny_llama()
     with llamazh.patch(model, rope=strategy):
         prompt = _ids(6)
-        cached = model.generate(prompt, max_new_tokens=30, do_sample=False)
-        uncached = model.generate(prompt, max_new_tokens=30, do_sample=False, use_cache=False)
+        cached = model.generate(prompt, max_new_tokens=14, do_sample=False)  # 20 > 16
+        uncached = model.generate(prompt, max_new_tokens=14, do_sample=False, use_cache=False)
         assert torch.equal(cached, uncached)
         # and the cached logits equal one full forward of the whole text
         out = model(cached[:, :-1], use_cache=True)
@@ -161,7 +159,7 @@ def test_seed_long_context_configs_load_and_run():
         patched = tiny_llama(max_position_embeddings=max_pos)
         with llamazh.patch(patched, rope=strategy):
             assert torch.equal(patched(ids).logits, native(ids).logits)
-            assert patched.generate(ids[:, :4], max_new_tokens=4, do_sample=False).shape == (2, 8)
+            assert patched.generate(ids[:, :4], max_new_tokens=2, do_sample=False).shape == (2, 6)
 
 
 def test_qwen2_and_mistral_families():
