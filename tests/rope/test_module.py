@@ -44,3 +44,16 @@ def test_dynamic_grows_and_resets_like_transformers():
 def test_module_checks_strategy():
     with pytest.raises(TypeError, match=r"strategy must be a llamazh\.rope strategy"):
         RotaryEmbedding(16, strategy="linear")
+
+
+def test_importing_the_strategies_is_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from llamazh.rope import NoScaling, LinearScaling, NTKScaling, "
+        "DynamicNTKScaling, AdaptiveNTKScaling, YaRNScaling, Llama3Scaling, from_hf; "
+        "print(','.join(m for m in ('transformers', 'triton') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
