@@ -1,0 +1,177 @@
+"""Long-context evaluation for any causal LM: perplexity by length and passkey retrieval.
+
+Model-agnostic on purpose (it lives beside, not inside, :mod:`llamazh.rope`): anything called
+as ``model(input_ids=(B, S) LongTensor)`` returning an object with ``.logits`` ``(B, S, V)`` (a
+transformers causal LM, patched or not) can be measured.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from llamazh._checks import check_positive_int
+
+__all__ = ["passkey_retrieval_accuracy", "perplexity_by_length"]
+
+
+def _device_of(model: Any, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _lengths(lengths: Sequence[int]) -> list[int]:
+    if isinstance(lengths, int) or not len(lengths):
+        raise ValueError(f"lengths must be a non-empty sequence of ints, got lengths={lengths!r}")
+    return [check_positive_int("lengths[i]", n, minimum=2) for n in lengths]
+
+
+@torch.no_grad()
+def perplexity_by_length(
+    model: Any,
+    token_ids: torch.Tensor | Sequence[int],
+    lengths: Sequence[int],
+    *,
+    max_windows: int = 8,
+    score_last: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[int, float]:
+    """Perplexity of ``model`` on windows of each length cut from one token stream.
+
+    For each ``L`` in ``lengths`` the stream is cut into consecutive, non-overlapping windows of
+    ``L`` tokens (at most ``max_windows``; the same text prefix for every length), each window
+    is scored in one forward pass without a cache, and the perplexity is
+    ``exp(mean token NLL)`` over the scored tokens (fp32 log-softmax).
+
+    Args:
+        model: a causal LM (``model(input_ids=...).logits``), in eval mode.
+        token_ids: the stream, ``(N,)`` integer tensor or list.
+        lengths: window lengths, each >= 2 and <= N.
+        max_windows: windows per length (>= 1).
+        score_last: score only the last ``score_last`` predictions of each window (the tokens
+            that see the longest context); ``None`` scores all ``L - 1``.
+        device: where to run (default: the model's device).
+
+    Returns:
+        ``{L: perplexity}`` in the order of ``lengths``.
+
+    Raises:
+        ValueError: a length longer than the stream or < 2, bad ``max_windows``/``score_last``.
+
+    Example:
+        >>> ppl = perplexity_by_length(model, ids, [256, 512, 1024, 2048], max_windows=4)
+        >>> ppl[2048]
+        41.7
+    """
+    stream = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    check_positive_int("max_windows", max_windows)
+    lengths = _lengths(lengths)
+    for n in lengths:
+        if n > stream.numel():
+            raise ValueError(f"length {n} is longer than the token stream ({stream.numel()})")
+        if score_last is not None and not 1 <= check_positive_int("score_last", score_last) < n:
+            raise ValueError(f"score_last must be in [1, {n - 1}] for length {n}, got {score_last}")
+    device = _device_of(model, device)
+    result: dict[int, float] = {}
+    for n in lengths:
+        windows = min(max_windows, stream.numel() // n)
+        total_nll, total_tokens = 0.0, 0
+        for w in range(windows):
+            ids = stream[w * n : (w + 1) * n].unsqueeze(0).to(device)  # (1, L)
+            logits = model(input_ids=ids).logits[0, :-1].float()  # (L - 1, V)
+            targets = ids[0, 1:]
+            if score_last is not None:
+                logits, targets = logits[-score_last:], targets[-score_last:]
+            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+            total_nll += float(nll)
+            total_tokens += targets.numel()
+        result[n] = math.exp(total_nll / total_tokens)
+    return result
+
+
+_INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it."
+)
+_FILLER = (
+    " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+)
+_KEY = " The pass key is {key}. Remember it. {key} is the pass key."
+_QUESTION = " What is the pass key? The pass key is"
+
+
+@torch.no_grad()
+def passkey_retrieval_accuracy(
+    model: Any,
+    encode: Callable[[str], list[int]],
+    lengths: Sequence[int],
+    *,
+    trials: int = 10,
+    digits: int = 5,
+    bos_id: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[int, float]:
+    """Passkey retrieval (Mohtashami & Jaggi 2023, arXiv:2305.16300) at each prompt length.
+
+    A random ``digits``-digit key is hidden at a random depth in repeated filler text padded to
+    about ``L`` tokens; the trial succeeds when greedy decoding after "The pass key is" would
+    produce exactly the key's tokens (checked in one forward pass with the answer appended:
+    the argmax at every answer position must be the answer token).
+
+    Args:
+        model: a causal LM (``model(input_ids=...).logits``).
+        encode: text -> token ids without special tokens, e.g.
+            ``lambda s: tokenizer.encode(s, add_special_tokens=False)``.
+        lengths: prompt lengths in tokens (each longer than the fixed parts of the prompt).
+        trials: keys per length; depths are spread evenly over the filler.
+        digits: digits of the key.
+        bos_id: prepended when given.
+        seed: for the keys (``random.Random(seed)``; no global state).
+        device: where to run (default: the model's device).
+
+    Returns:
+        ``{L: fraction of trials retrieved}``.
+
+    Raises:
+        ValueError: a length too short for the fixed parts, or bad counts.
+
+    Example:
+        >>> passkey_retrieval_accuracy(model, lambda s: sp.encode(s), [1024, 4096], trials=20)
+        {1024: 1.0, 4096: 0.35}
+    """
+    check_positive_int("trials", trials)
+    check_positive_int("digits", digits)
+    lengths = _lengths(lengths)
+    device = _device_of(model, device)
+    rng = random.Random(seed)
+    head = ([bos_id] if bos_id is not None else []) + list(encode(_INTRO))
+    filler, question = list(encode(_FILLER)), list(encode(_QUESTION))
+    result: dict[int, float] = {}
+    for n in lengths:
+        hits = 0
+        for trial in range(trials):
+            key = str(rng.randrange(10 ** (digits - 1), 10**digits))
+            key_ids, answer = list(encode(_KEY.format(key=key))), list(encode(" " + key))
+            fixed = len(head) + len(key_ids) + len(question) + len(answer)
+            repeats = (n - fixed) // len(filler)
+            if repeats < 1:
+                raise ValueError(
+                    f"length {n} is too short for the passkey prompt ({fixed} + filler)"
+                )
+            before = round(repeats * (trial + 0.5) / trials)  # depth spread over the filler
+            ids = head + filler * before + key_ids + filler * (repeats - before) + question
+            full = torch.tensor([ids + answer], device=device)  # (1, S)
+            logits = model(input_ids=full).logits[0]  # (S, V)
+            predicted = logits[len(ids) - 1 : -1].argmax(-1)
+            hits += int(torch.equal(predicted.cpu(), torch.tensor(answer)))
+        result[n] = hits / trials
+    return result
