@@ -189,13 +189,16 @@ class ClassifierFreeGuidance:
 
     def prefetch(self, input_ids: Tensor) -> None:
         """Run the unconditional branch over all of ``input_ids`` at once, so that calls for any
-        prefix of it (drafted positions) are served without further forwards."""
-        self._sync(input_ids)
+        prefix of it (drafted positions) are served without further forwards. Before the first
+        ``__call__`` (which fixes the prompt) it does nothing."""
+        if self._prompt is not None:
+            self._sync(input_ids)
 
     @torch.no_grad()
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         scores = torch.nn.functional.log_softmax(scores, dim=-1)
         if self.guidance_scale == 1:
             return scores
-        uncond = self._logprobs[self._sync(input_ids)].to(scores.dtype)
+        t = self._sync(input_ids)  # rebinds self._logprobs: look it up afterwards
+        uncond = self._logprobs[t].to(scores.dtype)
         return self.guidance_scale * (scores - uncond) + uncond

@@ -139,11 +139,12 @@ def _process(
     """Target logits ``(1, m, V)`` for prefixes ``ids[:, :context_len + j]`` -> processed fp32."""
     scores = logits.float()
     if processors:
-        for proc in processors:
-            if hasattr(proc, "prefetch"):
-                proc.prefetch(ids)
         rows = []
         for j in range(scores.shape[1]):
+            if j <= 1:  # before 0, and again once position 0 has shown the prompt
+                for proc in processors:
+                    if hasattr(proc, "prefetch"):  # e.g. CFG: all drafted positions at once
+                        proc.prefetch(ids)
             row = scores[:, j]
             for proc in processors:
                 row = proc(ids[:, : context_len + j], row)
