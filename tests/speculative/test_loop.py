@@ -214,3 +214,35 @@ def test_static_cache_is_refused(pair):
     cache = StaticCache(config=target.config, max_cache_len=32)
     with pytest.raises(ValueError, match=r"StaticCache.*cannot be rolled back"):
         speculative_generate(target, draft, _prompt(0, 3), max_new_tokens=4, past_key_values=cache)
+
+
+class _RepeatLast:
+    """A custom drafter (protocol only): proposes the last token again, with probabilities of
+    the wrong width when asked to."""
+
+    def __init__(self, width=None):
+        self.width = width
+
+    def draft(self, input_ids, num_tokens, sampling, generator):
+        from llamazh.speculative import Draft
+
+        tokens = input_ids[:, -1:].expand(1, num_tokens)
+        if self.width is None:
+            return Draft(tokens, None)
+        return Draft(tokens, torch.full((1, num_tokens, self.width), 1.0 / self.width))
+
+
+def test_custom_drafters(pair, hf_greedy):
+    target, _ = pair
+    ids = _prompt(2, 5)
+    out = speculative_generate(target, _RepeatLast(), ids, max_new_tokens=12)
+    assert out.sequences.tolist() == hf_greedy(target, ids, 12).tolist()
+    with pytest.raises(ValueError, match="another vocabulary"):
+        speculative_generate(
+            target,
+            _RepeatLast(width=300),
+            ids,
+            max_new_tokens=12,
+            do_sample=True,
+            generator=torch.Generator().manual_seed(0),
+        )
