@@ -5,7 +5,8 @@ Models (trained here, cached under ``<out>/models-*``; ``--retrain`` to redo):
 
 * tokens: the Llama-2 SentencePiece model on ``data/corpus/zh_d2l.txt``, re-indexed to the
   pieces that occur (a compact vocabulary keeps the LM heads and the training cheap);
-* draft: Llama, 2 layers, hidden 256, trained from scratch;
+* draft: Llama, 2 layers, hidden 256, distilled from the target (KL to its next-token
+  distributions on the corpus), as production draft models are;
 * target: a 4-layer hidden-256 Llama trained from scratch (another seed, twice the depth),
   then widened 4x to hidden 1024 / 16 heads / FFN 2816 by an exact function-preserving
   expansion (Net2WiderNet, Chen et al. 2016: every unit and head copied 4 times, incoming
@@ -117,7 +118,8 @@ def tokens_of_corpus(vocab: int):
     return sp, compact[ids], used
 
 
-def train(model, data: torch.Tensor, steps: int, seed: int, batch: int = 8, seq: int = 128):
+def train(model, data, steps: int, seed: int, teacher=None, batch: int = 8, seq: int = 128):
+    """AdamW on random windows; with ``teacher``, distil its next-token distributions (KL)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -129,37 +131,46 @@ def train(model, data: torch.Tensor, steps: int, seed: int, batch: int = 8, seq:
         starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=gen).tolist()
         x = torch.stack([data[s : s + seq] for s in starts])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
+            if teacher is None:
+                loss = model(input_ids=x, labels=x).loss
+            else:
+                with torch.no_grad():
+                    target = teacher(input_ids=x).logits.float().log_softmax(-1)
+                logq = model(input_ids=x).logits.float().log_softmax(-1)
+                loss = (
+                    torch.nn.functional.kl_div(logq, target, log_target=True, reduction="batchmean")
+                    / seq
+                )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps - 1:
-            print(
-                f"  step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)"
-            )
+            elapsed = time.perf_counter() - started
+            print(f"  step {step:4d} loss {loss.item():.3f} ({elapsed:.0f} s)", flush=True)
     return model.eval()
 
 
-def get_models(out: Path, steps: int, retrain: bool, vocab: int):
+def get_models(out: Path, steps: int, retrain: bool, vocab: int, dtype: torch.dtype):
     from transformers import LlamaForCausalLM
 
     sp, data, used = tokens_of_corpus(vocab)
     held_out = int(0.95 * data.numel())
-    cache = out / f"models-v{vocab}-steps{steps}"
+    cache = out / f"models-v{vocab}-steps{steps}-kd"
     if retrain or not (cache / "target" / "config.json").exists():
         print(f"training on {held_out} tokens, vocabulary {len(used)} (compact)")
         v = len(used)
-        print("draft: 2 layers, hidden 256")
-        draft = train(llama(v, 256, 2, 4, 704, seed=1), data[:held_out], steps, seed=1)
-        print("target core: 4 layers, hidden 256 (widened 4x afterwards)")
+        print("target core: 4 layers, hidden 256 (widened 4x afterwards)", flush=True)
         core = train(llama(v, 256, 4, 4, 704, seed=2), data[:held_out], steps, seed=2)
+        print("draft: 2 layers, hidden 256, distilled from the target core", flush=True)
+        draft = llama(v, 256, 2, 4, 704, seed=1)
+        draft = train(draft, data[:held_out], steps, seed=1, teacher=core)
         target = widen(core, 4)
         draft.save_pretrained(cache / "draft")
         target.save_pretrained(cache / "target")
-    draft = LlamaForCausalLM.from_pretrained(cache / "draft", dtype=torch.bfloat16).eval()
-    target = LlamaForCausalLM.from_pretrained(cache / "target", dtype=torch.bfloat16).eval()
+    draft = LlamaForCausalLM.from_pretrained(cache / "draft", dtype=dtype).eval()
+    target = LlamaForCausalLM.from_pretrained(cache / "target", dtype=dtype).eval()
     return sp, used, data[held_out:], target, draft
 
 
@@ -196,6 +207,7 @@ def run_methods(target, draft, prompts, max_new: int, ks: list[int]):
     rows = []
     o, s = hf(**greedy)
     rows.append(("target only (transformers generate)", "greedy", "-", o, s, 0, 0))
+    print(f"  target only greedy: {s:.1f} s", flush=True)
     o, s = hf(**sample)
     rows.append(("target only (transformers generate)", "T=0.7", "-", o, s, 0, 0))
     for name, kw in (("greedy", greedy), ("T=0.7", sample)):
@@ -203,10 +215,14 @@ def run_methods(target, draft, prompts, max_new: int, ks: list[int]):
         rows.append(("llamazh speculative, draft model", name, "adaptive", o, s, a, d))
         o, s = hf(assistant_model=draft, **kw)
         rows.append(("transformers assisted generation", name, "heuristic", o, s, 0, 0))
+    for name, kw in (("greedy", greedy), ("T=0.7", sample)):
+        o, s, a, d = ours(draft, schedule="throughput", **kw)
+        rows.append(("llamazh speculative, draft model", name, "throughput", o, s, a, d))
     o, s, a, d = ours(PromptLookupDrafter(), **greedy)
     rows.append(("llamazh speculative, prompt lookup", "greedy", "adaptive", o, s, a, d))
     o, s = hf(prompt_lookup_num_tokens=10, **greedy)
     rows.append(("transformers prompt lookup", "greedy", "10", o, s, 0, 0))
+    print("  main methods done; sweeping k", flush=True)
     for k in ks:
         o, s, a, d = ours(draft, num_draft_tokens=k, schedule="constant", **greedy)
         rows.append(("llamazh speculative, draft model", "greedy", str(k), o, s, a, d))
@@ -223,12 +239,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     sp, used, held_out, target, draft = get_models(
-        args.out, args.train_steps, args.retrain, args.vocab
+        args.out, args.train_steps, args.retrain, args.vocab, getattr(torch, args.dtype)
     )
     stride = (held_out.numel() - args.prompt_tokens) // args.prompts
     prompts = [
@@ -284,7 +301,7 @@ def main() -> None:
 
     env = (
         f"{platform.processor() or platform.machine()}, {args.threads} thread(s), torch "
-        f"{torch.__version__}, transformers {transformers.__version__}, git {sha}; bf16; "
+        f"{torch.__version__}, transformers {transformers.__version__}, git {sha}; {args.dtype}; "
         f"{len(prompts)} prompts x {args.max_new_tokens} new tokens; target/draft FLOPs "
         f"{ratio:.1f}x; shared noisy machine"
     )
@@ -322,6 +339,7 @@ def plot(table, ks, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ks, [const[str(k)] for k in ks], "o-", label="llamazh, constant k (greedy)")
     ax.axhline(const["adaptive"], color="C1", ls="--", label="llamazh, adaptive (greedy)")
+    ax.axhline(const["throughput"], color="C3", ls="-.", label="llamazh, throughput (greedy)")
     hf = next(
         r["speedup"]
         for r in table

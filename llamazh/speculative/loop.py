@@ -80,6 +80,40 @@ class SpeculativeOutput:
         return self.num_new_tokens / self.elapsed_s if self.elapsed_s > 0 else float("nan")
 
 
+class _ThroughputSchedule:
+    """Pick the draft length that maximises expected tokens per second.
+
+    With per-token acceptance ``a`` (decayed running estimate, geometric model), draft cost
+    ``t_d`` per token and verification cost ``t_v`` per step (decayed running means of measured
+    wall time), a step drafting ``k`` tokens yields ``(1 - a^(k+1)) / (1 - a)`` tokens in
+    ``k t_d + t_v`` seconds (Leviathan et al. 2023, section 3.4).
+    """
+
+    decay = 0.8
+
+    def __init__(self, k: int, cap: int) -> None:
+        self.k, self.cap = k, cap
+        self.accepted, self.trials = 1.0, 2.0  # prior a = 0.5
+        self.t_draft: float | None = None
+        self.t_verify: float | None = None
+
+    def _mean(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def update(self, kd: int, n: int, draft_s: float, verify_s: float) -> int:
+        self.accepted = self.decay * self.accepted + n
+        self.trials = self.decay * self.trials + n + (n < kd)
+        self.t_draft = self._mean(self.t_draft, draft_s / kd)
+        self.t_verify = self._mean(self.t_verify, verify_s)
+        a = min(self.accepted / self.trials, 0.999)
+        rate = [
+            (1 - a ** (k + 1)) / (1 - a) / (k * self.t_draft + self.t_verify)
+            for k in range(1, self.cap + 1)
+        ]
+        self.k = 1 + max(range(self.cap), key=rate.__getitem__)
+        return self.k
+
+
 def _eos_set(eos_token_id: int | Sequence[int] | None) -> set[int]:
     if eos_token_id is None:
         return set()
@@ -191,9 +225,11 @@ def speculative_generate(
         input_ids: ``(1, L)`` int64, ``L >= 1``, on the target's device.
         max_new_tokens: >= 1 tokens to generate at most.
         num_draft_tokens: >= 1 drafted tokens per step (the start value when adaptive).
-        schedule: ``"constant"``, or ``"adaptive"``: +2 after a step whose full draft was
-            accepted, -1 (not below 1) after a rejection (Chinese-LLaMA-Alpaca-2's rule).
-        max_draft_tokens: cap for the adaptive schedule (default ``4 * num_draft_tokens``).
+        schedule: ``"constant"``; ``"adaptive"``: +2 after a step whose full draft was
+            accepted, -1 (not below 1) after a rejection (Chinese-LLaMA-Alpaca-2's rule, also
+            transformers' "heuristic"); ``"throughput"``: the length maximising expected
+            tokens per second under the measured acceptance rate and draft/verify times.
+        max_draft_tokens: cap for the adaptive schedules (default ``4 * num_draft_tokens``).
         do_sample, temperature, top_k, top_p, repetition_penalty: as in ``model.generate``;
             applied to target and draft alike.
         eos_token_id: id or ids that end generation (the EOS is kept in the output).
@@ -223,7 +259,7 @@ def speculative_generate(
     input_ids = _check_prompt(input_ids, attention_mask)
     check_positive_int("max_new_tokens", max_new_tokens)
     check_positive_int("num_draft_tokens", num_draft_tokens)
-    check_choice("schedule", schedule, ("adaptive", "constant"))
+    check_choice("schedule", schedule, ("adaptive", "constant", "throughput"))
     cap = 4 * num_draft_tokens if max_draft_tokens is None else max_draft_tokens
     check_positive_int("max_draft_tokens", cap, minimum=num_draft_tokens)
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
@@ -261,11 +297,14 @@ def speculative_generate(
 
     seq = input_ids
     k_next = num_draft_tokens
+    throughput = _ThroughputSchedule(num_draft_tokens, cap)
     draft_calls_before = getattr(drafter, "forward_calls", 0)
     while True:
         remaining = max_new_tokens - out.num_new_tokens
         k = min(k_next, remaining - 1)
+        tick = time.perf_counter()
         proposal = drafter.draft(seq, k, sampling, generator) if k > 0 else Draft(seq[:, :0], None)
+        tock = time.perf_counter()
         drafts = proposal.tokens.to(device)[:, :k]  # (1, kd)
         kd = drafts.shape[1]
         block = torch.cat([seq[:, -1:], drafts], dim=1)  # (1, kd + 1)
@@ -296,7 +335,9 @@ def speculative_generate(
         out.accepted += n
         out.draft_lengths.append(kd)
         out.accepted_lengths.append(n)
-        if schedule == "adaptive" and kd:
+        if schedule == "throughput" and kd:
+            k_next = throughput.update(kd, n, tock - tick, time.perf_counter() - tock)
+        elif schedule == "adaptive" and kd:
             if n < kd:
                 k_next = max(1, k_next - 1)
             elif kd == k:  # the full draft asked for was accepted
