@@ -1,0 +1,27 @@
+"""Speculative decoding: exact verification, drafters, and the generation loop.
+
+``from llamazh.speculative import speculative_generate, PromptLookupDrafter``.
+"""
+
+from llamazh.speculative.drafters import (
+    Draft,
+    Drafter,
+    ModelDrafter,
+    PromptLookupDrafter,
+    common_prefix_length,
+)
+from llamazh.speculative.loop import SpeculativeOutput, speculative_generate
+from llamazh.speculative.verify import Verdict, verify_greedy, verify_sampled
+
+__all__ = [
+    "Draft",
+    "Drafter",
+    "ModelDrafter",
+    "PromptLookupDrafter",
+    "SpeculativeOutput",
+    "Verdict",
+    "common_prefix_length",
+    "speculative_generate",
+    "verify_greedy",
+    "verify_sampled",
+]
