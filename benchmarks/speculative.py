@@ -20,8 +20,11 @@ FLOPs per token (matmuls, 2 * multiply-adds): per layer ``2 * (4 d^2 + 3 d f)`` 
 what one row costs, as on a GPU; fp32 MKL GEMMs with few rows do not) on ``--threads`` threads.
 
 Run: ``PYTHONPATH=. python benchmarks/speculative.py`` (about 5 minutes on 2 cores, most of it
-training the first time). Prints a table, writes ``table.md``, ``results.csv`` and
-``speedup_vs_draft_tokens.png`` into a new run directory under ``benchmarks/results/``.
+training the first time). Methods run round robin over the prompts and are timed by process
+CPU time by default (``--clock wall`` for wall time), so that other jobs on a shared machine
+bias no method; ``tokens/target forward`` does not depend on timing at all. Prints a table,
+writes ``table.md``, ``results.csv`` and ``speedup_vs_draft_tokens.png`` into a new run
+directory under ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -174,59 +177,68 @@ def get_models(out: Path, steps: int, retrain: bool, vocab: int, dtype: torch.dt
     return sp, used, data[held_out:], target, draft
 
 
-def run_methods(target, draft, prompts, max_new: int, ks: list[int]):
-    """Yield (method, sampling, k, tokens, seconds, outputs, accepted, drafted)."""
+def run_methods(target, draft, prompts, max_new: int, ks: list[int], clock):
+    """Rows (method, sampling, k, outputs, seconds, accepted, drafted, verify forwards).
+
+    Round robin: every method runs on prompt 0, then every method on prompt 1, ..., so that
+    load from other processes on a shared machine spreads over all methods alike.
+    """
     gen_kwargs = dict(max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0)
 
     def hf(**kw):
-        outs, secs = [], 0.0
-        for i, ids in enumerate(prompts):
+        def run(i, ids):
             torch.manual_seed(i)
-            t = time.perf_counter()
-            outs.append(
-                target.generate(ids, attention_mask=torch.ones_like(ids), **gen_kwargs, **kw)
-            )
-            secs += time.perf_counter() - t
-        return outs, secs
+            out = target.generate(ids, attention_mask=torch.ones_like(ids), **gen_kwargs, **kw)
+            return out, 0, 0, 0
+
+        return run
 
     def ours(drafter, **kw):
-        outs, secs, acc, dr = [], 0.0, 0, 0
-        for i, ids in enumerate(prompts):
+        def run(i, ids):
             gen = torch.Generator().manual_seed(i)
-            t = time.perf_counter()
             res = speculative_generate(
                 target, drafter, ids, max_new_tokens=max_new, generator=gen, **kw
             )
-            secs += time.perf_counter() - t
-            outs.append(res.sequences)
-            acc, dr = acc + res.accepted, dr + res.drafted
-        return outs, secs, acc, dr
+            return res.sequences, res.accepted, res.drafted, res.steps
+
+        return run
 
     greedy = dict(do_sample=False)
     sample = dict(do_sample=True, temperature=0.7)
-    rows = []
-    o, s = hf(**greedy)
-    rows.append(("target only (transformers generate)", "greedy", "-", o, s, 0, 0))
-    print(f"  target only greedy: {s:.1f} s", flush=True)
-    o, s = hf(**sample)
-    rows.append(("target only (transformers generate)", "T=0.7", "-", o, s, 0, 0))
+    target_only = "target only (transformers generate)"
+    spec_draft = "llamazh speculative, draft model"
+    assisted = "transformers assisted generation"
+    methods = [
+        (target_only, "greedy", "-", hf(**greedy)),
+        (target_only, "T=0.7", "-", hf(**sample)),
+    ]
     for name, kw in (("greedy", greedy), ("T=0.7", sample)):
-        o, s, a, d = ours(draft, **kw)
-        rows.append(("llamazh speculative, draft model", name, "adaptive", o, s, a, d))
-        o, s = hf(assistant_model=draft, **kw)
-        rows.append(("transformers assisted generation", name, "heuristic", o, s, 0, 0))
-    for name, kw in (("greedy", greedy), ("T=0.7", sample)):
-        o, s, a, d = ours(draft, schedule="throughput", **kw)
-        rows.append(("llamazh speculative, draft model", name, "throughput", o, s, a, d))
-    o, s, a, d = ours(PromptLookupDrafter(), **greedy)
-    rows.append(("llamazh speculative, prompt lookup", "greedy", "adaptive", o, s, a, d))
-    o, s = hf(prompt_lookup_num_tokens=10, **greedy)
-    rows.append(("transformers prompt lookup", "greedy", "10", o, s, 0, 0))
-    print("  main methods done; sweeping k", flush=True)
+        methods.append((spec_draft, name, "adaptive", ours(draft, **kw)))
+        methods.append((spec_draft, name, "throughput", ours(draft, schedule="throughput", **kw)))
+        methods.append((assisted, name, "heuristic", hf(assistant_model=draft, **kw)))
+    methods.append(
+        ("llamazh speculative, prompt lookup", "greedy", "adaptive", ours(PromptLookupDrafter()))
+    )
+    methods.append(
+        ("transformers prompt lookup", "greedy", "10", hf(prompt_lookup_num_tokens=10, **greedy))
+    )
     for k in ks:
-        o, s, a, d = ours(draft, num_draft_tokens=k, schedule="constant", **greedy)
-        rows.append(("llamazh speculative, draft model", "greedy", str(k), o, s, a, d))
-    return rows
+        methods.append(
+            (spec_draft, "greedy", str(k), ours(draft, num_draft_tokens=k, schedule="constant"))
+        )
+
+    totals = [[[], 0.0, 0, 0, 0] for _ in methods]  # outputs, seconds, accepted, drafted, steps
+    for i, ids in enumerate(prompts):
+        for (_, _, _, run), total in zip(methods, totals):
+            t = clock()
+            out, acc, dr, steps = run(i, ids)
+            total[1] += clock() - t
+            total[0].append(out)
+            total[2] += acc
+            total[3] += dr
+            total[4] += steps
+        print(f"  prompt {i + 1}/{len(prompts)} done", flush=True)
+    return [(*m[:3], *total) for m, total in zip(methods, totals)]
 
 
 def main() -> None:
@@ -240,6 +252,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: process CPU time (robust to other jobs on a shared machine; meant for "
+        "--threads 1, it sums over threads); wall: wall time",
+    )
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -260,18 +279,19 @@ def main() -> None:
     with torch.inference_mode():  # warm up both models and all code paths
         speculative_generate(target, draft, prompts[0], max_new_tokens=8)
         target.generate(prompts[0], max_new_tokens=4, pad_token_id=0)
-    rows = run_methods(target, draft, prompts, args.max_new_tokens, args.ks)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    rows = run_methods(target, draft, prompts, args.max_new_tokens, args.ks, clock)
 
     n_tokens = args.max_new_tokens * len(prompts)
     base = {r[1]: n_tokens / r[4] for r in rows if r[0].startswith("target only")}
     reference = {r[1]: r[3] for r in rows if r[0].startswith("target only")}
     header = (
-        "| method | decoding | draft tokens | tokens/s | speedup | acceptance "
-        "| greedy output == target |"
+        f"| method | decoding | draft tokens | tokens/s ({args.clock}) | speedup | acceptance "
+        "| tokens/target forward | greedy output == target |"
     )
-    lines = [header, "|" + "---|" * 7]
+    lines = [header, "|" + "---|" * 8]
     table = []
-    for method, mode, k, outs, secs, acc, dr in rows:
+    for method, mode, k, outs, secs, acc, dr, steps in rows:
         tps = n_tokens / secs
         same = "-"
         if mode == "greedy":
@@ -279,6 +299,8 @@ def main() -> None:
                 f"{sum(torch.equal(a, b) for a, b in zip(outs, reference['greedy']))}/{len(outs)}"
             )
         rate = f"{acc / dr:.2f}" if dr else "-"
+        # target-only decoding: one token per forward; transformers' helpers do not report it
+        per_forward = f"{n_tokens / steps:.2f}" if steps else ("1.00" if k == "-" else "-")
         table.append(
             dict(
                 method=method,
@@ -287,11 +309,13 @@ def main() -> None:
                 tokens_per_s=round(tps, 2),
                 speedup=round(tps / base[mode], 3),
                 acceptance=rate,
+                tokens_per_target_forward=per_forward,
                 identical=same,
             )
         )
         lines.append(
-            f"| {method} | {mode} | {k} | {tps:.1f} | {tps / base[mode]:.2f}x | {rate} | {same} |"
+            f"| {method} | {mode} | {k} | {tps:.1f} | {tps / base[mode]:.2f}x | {rate} "
+            f"| {per_forward} | {same} |"
         )
     sample = sp.decode(used[reference["greedy"][0][0, args.prompt_tokens :]].tolist())
     sha = subprocess.run(
@@ -303,7 +327,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {args.threads} thread(s), torch "
         f"{torch.__version__}, transformers {transformers.__version__}, git {sha}; {args.dtype}; "
         f"{len(prompts)} prompts x {args.max_new_tokens} new tokens; target/draft FLOPs "
-        f"{ratio:.1f}x; shared noisy machine"
+        f"{ratio:.1f}x; {args.clock} clock; shared noisy machine"
     )
     text = "\n".join([*lines, "", env, "", f"target greedy sample: {sample!r}"])
     print(text)

@@ -33,7 +33,10 @@ class ClassifierFreeGuidance:
 
     Usable as ``model.generate(..., logits_processor=LogitsProcessorList([cfg]))`` and as
     ``speculative_generate(..., logits_processor=[cfg])`` (where :meth:`prefetch` runs the
-    unconditional branch once for all drafted positions). One instance serves one prompt: the
+    unconditional branch once for all drafted positions). Note that ``model.generate`` runs a
+    custom processor after its temperature/top-k/top-p warpers (its own ``guidance_scale``
+    runs before them), so with sampling the two differ; ``speculative_generate`` applies it
+    first, as ``guidance_scale`` does. One instance serves one prompt: the
     first call fixes the prompt length; call :meth:`reset` before reusing it for another.
 
     Args:
@@ -100,7 +103,11 @@ class ClassifierFreeGuidance:
 
     def _run(self, ids: Tensor) -> Tensor:
         """Feed ``ids`` ``(B, m)`` after the cached positions -> log-probs ``(B, m, V)``."""
-        assert self._mask is not None and self._fed is not None
+        if self._mask is None or self._fed is None:
+            raise RuntimeError(
+                "ClassifierFreeGuidance._run called before the processor saw its prompt: call "
+                "the processor (or prefetch after a first call) so that _start runs first"
+            )
         base_len = self._mask.shape[1]
         done = base_len + self._fed.shape[1]
         mask = torch.cat(
@@ -128,7 +135,6 @@ class ClassifierFreeGuidance:
             )
         base = base.to(input_ids.device)
         mask = self.negative_prompt_attention_mask
-        self._prompt = input_ids.clone()
         self._mask = (torch.ones_like(base) if mask is None else mask.to(base.device)).long()
         self._cache = new_dynamic_cache(self.model)
         self._fed = base[:, :0]
@@ -142,12 +148,17 @@ class ClassifierFreeGuidance:
         )
         self.forward_calls += 1
         self._logprobs = {0: torch.nn.functional.log_softmax(out.logits[:, -1].float(), dim=-1)}
+        self._prompt = input_ids.clone()  # last: a failed forward leaves the processor unstarted
 
     def _sync(self, input_ids: Tensor) -> int:
         """Make the cache agree with ``input_ids``; return t, the number of generated tokens."""
         if self._prompt is None:
             self._start(input_ids)
-        assert self._prompt is not None and self._fed is not None and self._mask is not None
+        if self._prompt is None or self._fed is None or self._mask is None:
+            raise RuntimeError(
+                "ClassifierFreeGuidance state is incomplete (an earlier call failed part-way?); "
+                "call reset() before using the processor again"
+            )
         p = self._prompt.shape[1]
         if (
             input_ids.shape[0] != self._prompt.shape[0]

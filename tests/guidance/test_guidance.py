@@ -121,3 +121,19 @@ def test_bad_input():
         cfg(_ids(1, 5), scores)
     cfg.reset()
     cfg(_ids(1, 5), scores)
+
+
+def test_a_failed_first_forward_leaves_the_processor_unstarted():
+    """A model error during the first call must not leave half a state behind: the next call
+    starts cleanly, and the internal forward refuses to run before the prompt is known."""
+    model = tiny_llama(0)
+    cfg = ClassifierFreeGuidance(2.0, model)
+    with pytest.raises(RuntimeError, match="before the processor saw its prompt"):
+        cfg._run(_ids(0, 2))
+    bad = ClassifierFreeGuidance(2.0, model, negative_prompt_ids=torch.tensor([[999]]))
+    with pytest.raises(IndexError):  # id 999 is outside the 256-token embedding
+        bad(_ids(0, 4), torch.zeros(1, 256))
+    assert bad._prompt is None
+    bad.negative_prompt_ids = torch.tensor([[5]])
+    fresh = ClassifierFreeGuidance(2.0, model, negative_prompt_ids=torch.tensor([[5]]))
+    assert_close(bad(_ids(0, 4), torch.zeros(1, 256)), fresh(_ids(0, 4), torch.zeros(1, 256)))
