@@ -142,6 +142,12 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=float, default=600.0)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--windows", type=int, default=6, help="windows per length")
+    parser.add_argument(
+        "--score-last",
+        type=int,
+        default=None,
+        help="score only the last N tokens of each window (default: all)",
+    )
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument(
         "--more-seconds", type=float, default=0.0, help="continue training the cached model"
@@ -173,14 +179,18 @@ def main() -> None:
         start = time.perf_counter()
         with llamazh.patch(model, rope=strategy):
             table[name] = perplexity_by_length(
-                model, stream, args.lengths, max_windows=args.windows
+                model, stream, args.lengths, max_windows=args.windows, score_last=args.score_last
             )
         cells = "  ".join(f"{table[name][n]:9.2f}" for n in args.lengths)
         print(f"{name:26s} {cells}   ({time.perf_counter() - start:.0f}s)", flush=True)
 
     header = f"{'strategy':26s} " + "  ".join(f"{n:>9d}" for n in args.lengths)
-    lines = [f"perplexity on held-out zh_d2l+en_d2l, {args.windows} windows per length; "
-             f"trained at {TRAIN_LENGTH} tokens", header, "-" * len(header)]  # fmt: skip
+    scored = f"last {args.score_last} tokens" if args.score_last else "all tokens"
+    title = (
+        f"perplexity on held-out zh_d2l+en_d2l, {args.windows} windows per length, {scored} "
+        f"scored; trained at {TRAIN_LENGTH} tokens"
+    )
+    lines = [title, header, "-" * len(header)]
     for name, row in table.items():
         lines.append(f"{name:26s} " + "  ".join(f"{row[n]:9.2f}" for n in args.lengths))
     text = "\n".join(lines)

@@ -46,16 +46,18 @@ def perplexity_by_length(
 ) -> dict[int, float]:
     """Perplexity of ``model`` on windows of each length cut from one token stream.
 
-    For each ``L`` in ``lengths`` the stream is cut into consecutive, non-overlapping windows of
-    ``L`` tokens (at most ``max_windows``; the same text prefix for every length), each window
-    is scored in one forward pass without a cache, and the perplexity is
-    ``exp(mean token NLL)`` over the scored tokens (fp32 log-softmax).
+    The stream is cut into consecutive blocks of ``max(lengths)`` tokens (at most
+    ``max_windows``). For each ``L`` in ``lengths``, every block gives one window: its last
+    ``L`` tokens. Windows of every length therefore end at the same tokens, so the lengths are
+    compared on the same text (with ``score_last``, on exactly the same predicted tokens; only
+    the context they see differs). Each window is scored in one forward pass without a cache;
+    the perplexity is ``exp(mean token NLL)`` over the scored tokens (fp32 log-softmax).
 
     Args:
         model: a causal LM (``model(input_ids=...).logits``), in eval mode.
         token_ids: the stream, ``(N,)`` integer tensor or list.
         lengths: window lengths, each >= 2 and <= N.
-        max_windows: windows per length (>= 1).
+        max_windows: windows per length (>= 1); as many as ``max(lengths)`` tokens fit, at most.
         score_last: score only the last ``score_last`` predictions of each window (the tokens
             that see the longest context); ``None`` scores all ``L - 1``.
         device: where to run (default: the model's device).
@@ -80,12 +82,14 @@ def perplexity_by_length(
         if score_last is not None and not 1 <= check_positive_int("score_last", score_last) < n:
             raise ValueError(f"score_last must be in [1, {n - 1}] for length {n}, got {score_last}")
     device = _device_of(model, device)
+    longest = max(lengths)
+    windows = min(max_windows, stream.numel() // longest)
     result: dict[int, float] = {}
     for n in lengths:
-        windows = min(max_windows, stream.numel() // n)
         total_nll, total_tokens = 0.0, 0
         for w in range(windows):
-            ids = stream[w * n : (w + 1) * n].unsqueeze(0).to(device)  # (1, L)
+            end = (w + 1) * longest  # windows of every length end here
+            ids = stream[end - n : end].unsqueeze(0).to(device)  # (1, L)
             logits = model(input_ids=ids).logits[0, :-1].float()  # (L - 1, V)
             targets = ids[0, 1:]
             if score_last is not None:

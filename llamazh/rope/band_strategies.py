@@ -117,6 +117,8 @@ class YaRNScaling(RopeScaling):
         ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
         keep = 1 - ramp.to(device=device, dtype=torch.float)  # 1 = extrapolate (high frequency)
         inv_freq = interpolation * (1 - keep) + extrapolation * keep
+        if self.dynamic and factor == 1.0:  # not stretched yet: plain RoPE to the last bit
+            inv_freq = _default_inv_freq(dim, base, device)
         return inv_freq, attention_factor
 
 

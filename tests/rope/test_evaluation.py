@@ -50,7 +50,22 @@ def test_perplexity_of_a_uniform_model_is_the_vocab_size():
     assert list(ppl) == [16, 100, 400]
     # fp32 log-softmax of 50 equal logits: log(50) to ~1 ulp
     assert all(v == pytest.approx(50.0, rel=1e-5) for v in ppl.values())
-    assert model.calls == [16] * 3 + [100] * 3 + [400] * 2  # only 2 windows of 400 fit
+    assert model.calls == [16] * 2 + [100] * 2 + [400] * 2  # only 2 blocks of 400 fit
+
+
+def test_windows_of_every_length_end_at_the_same_tokens():
+    seen: list[torch.Tensor] = []
+
+    class Recorder(_Uniform):
+        def forward(self, input_ids):
+            seen.append(input_ids[0].clone())
+            return super().forward(input_ids)
+
+    stream = torch.arange(1000) % 50
+    perplexity_by_length(Recorder(50), stream, [10, 30, 300], max_windows=2, score_last=8)
+    assert [w.numel() for w in seen] == [10, 10, 30, 30, 300, 300]
+    for window, end in zip(seen, [300, 600] * 3):  # blocks of 300 tokens: ends at 300 and 600
+        assert torch.equal(window, stream[end - window.numel() : end])
 
 
 def test_perplexity_matches_the_model_loss():

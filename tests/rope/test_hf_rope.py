@@ -256,3 +256,18 @@ def test_a_failure_half_way_leaves_the_model_untouched(monkeypatch):
     assert model.config.rope_parameters == {"rope_theta": 10000.0, "rope_type": "default"}
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert torch.equal(model(ids).logits, before)
+
+
+def test_rope_and_attention_patched_together():
+    from llamazh.testing import assert_close
+
+    strategy = YaRNScaling(4.0, 16)
+    ids = _ids(40)
+    reference = _native(strategy).double()(ids).logits
+    native = _native(strategy)(ids).logits
+    model = tiny_llama()
+    with llamazh.patch(model, rope=strategy, attention="llamazh"):
+        assert_close(model(ids).logits, reference, native)
+        assert model.generate(ids[:, :6], max_new_tokens=4, do_sample=False).shape == (2, 10)
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.rope_parameters == {"rope_theta": 10000.0, "rope_type": "default"}

@@ -57,3 +57,16 @@ def test_importing_the_strategies_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_tables_are_computed_in_fp32_then_cast():
+    """A bf16 angle at position ~4,000 is off by radians: the math must stay fp32."""
+    inv_freq, _ = NoScaling().inv_freq(64, 1e4)
+    positions = torch.arange(4000, 4096)
+    cos, sin = rope_cos_sin(inv_freq, positions, dtype=torch.bfloat16)
+    cos32, sin32 = rope_cos_sin(inv_freq, positions)
+    assert cos.dtype == sin.dtype == torch.bfloat16 and cos32.dtype == torch.float32
+    assert torch.equal(cos, cos32.to(torch.bfloat16)) and torch.equal(sin, sin32.to(torch.bfloat16))
+    angles_bf16 = positions[:, None].to(torch.bfloat16) * inv_freq.to(torch.bfloat16)
+    naive = torch.cat((angles_bf16, angles_bf16), dim=-1).cos()
+    assert (naive.float() - cos32).abs().max() > 0.5  # what computing in bf16 would give

@@ -112,6 +112,17 @@ def test_dynamic_is_default_up_to_original(head_dim, base, factor, original, dat
     assert torch.equal(ours, plain) and scale == 1.0
 
 
+@given(head_dim=head_dims, base=bases, factor=factors, original=originals, data=st.data())
+def test_dynamic_yarn_is_yarn_at_the_current_stretch(head_dim, base, factor, original, data):
+    seq_len = data.draw(st.integers(1, 8 * original), label="seq_len")
+    ours = YaRNScaling(factor, original, dynamic=True).inv_freq(head_dim, base, seq_len=seq_len)
+    stretch = min(factor, max(1.0, seq_len / original))  # s = L / L_orig, capped by factor
+    if stretch > 1.0:
+        _same(ours, YaRNScaling(stretch, original).inv_freq(head_dim, base))
+    else:  # within the original length (or factor 1): exactly plain RoPE
+        _same(ours, NoScaling().inv_freq(head_dim, base))
+
+
 @given(head_dim=head_dims, base=bases, factor=factors, original=originals)
 def test_yarn_between_interpolation_and_extrapolation(head_dim, base, factor, original):
     plain, _ = NoScaling().inv_freq(head_dim, base)
