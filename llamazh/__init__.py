@@ -47,6 +47,7 @@ _LAZY: dict[str, str] = {
     # generation
     "speculative_generate": "llamazh.speculative",
     "PromptLookupDrafter": "llamazh.speculative",
+    "ClassifierFreeGuidance": "llamazh.guidance",
     # templates
     "TEMPLATES": "llamazh.templates",
     "get_template": "llamazh.templates",

@@ -59,7 +59,9 @@ class PatchHandle:
             self.undo()
 
 
-def patch(model: Any, *, rope: Any = None, attention: str | None = None) -> PatchHandle:
+def patch(
+    model: Any, *, rope: Any = None, attention: str | None = None, consistent_cache: bool = False
+) -> PatchHandle:
     """Make a loaded transformers model use a llamazh rotary strategy and/or attention.
 
     Args:
@@ -68,6 +70,9 @@ def patch(model: Any, *, rope: Any = None, attention: str | None = None) -> Patc
         rope: a strategy from :mod:`llamazh.rope` (e.g. ``YaRNScaling(...)``), or ``None``.
         attention: ``"llamazh"`` to route attention through :func:`llamazh.attention.attention`,
             or ``None`` to leave it alone.
+        consistent_cache: with a dynamic rotary strategy, keep keys already in a KV cache
+            consistent with the current stretch (see
+            :func:`llamazh.integrations.hf_rope.patch_rope`); ignored without ``rope``.
 
     Returns:
         A :class:`PatchHandle` listing the changes; ``handle.undo()`` reverts them.
@@ -88,7 +93,7 @@ def patch(model: Any, *, rope: Any = None, attention: str | None = None) -> Patc
         if rope is not None:
             from llamazh.integrations.hf_rope import patch_rope
 
-            handle.changes.extend(patch_rope(model, rope))
+            handle.changes.extend(patch_rope(model, rope, consistent_cache=consistent_cache))
         if attention is not None:
             from llamazh.integrations.hf_attention import patch_attention
 
