@@ -19,6 +19,7 @@ def resize_embeddings(
     new_tokenizer: Any,
     *,
     init: str = "subword_mean",
+    head_init: str | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Grow ``model``'s input embeddings and lm_head from ``old_tokenizer`` to ``new_tokenizer``.
@@ -34,16 +35,22 @@ def resize_embeddings(
     * ``"normal"``: i.i.d. ``N(0, initializer_range**2)`` (the model config's value, 0.02 if
       absent), what a freshly built model would hold; drawn from ``generator``.
 
-    The lm_head gets the analogous rows (means of old lm_head rows; the same normal draw
-    scheme). Tied embeddings stay one tensor. Means are computed in fp32 and cast to the
-    weight dtype. ``model.config.vocab_size`` is updated.
+    The new lm_head rows follow ``head_init``, by default ``init`` except that
+    ``init="subword_mean"`` gives the lm_head ``"mean"`` rows: a subword-mean output row
+    gives a new piece about the logit of its own subwords, so it steals probability from them
+    wherever they are likely (measured in ``benchmarks/resize_init.py``: higher loss on both
+    Chinese and English than mean rows). ``head_init="subword_mean"`` asks for it anyway.
+    Tied embeddings stay one tensor, initialised by ``init``. Means are computed in fp32 and
+    cast to the weight dtype. ``model.config.vocab_size`` is updated.
 
     Args:
         model: a transformers model (``get_input_embeddings``/``get_output_embeddings``).
         old_tokenizer: the tokenizer the model was trained with (SentencePiece model or HF
             fast tokenizer).
         new_tokenizer: the extended tokenizer (same kinds, or a ``MergeResult``).
-        init: one of :data:`RESIZE_INITS`.
+        init: one of :data:`RESIZE_INITS`, for the input embedding rows.
+        head_init: one of :data:`RESIZE_INITS` for the lm_head rows, or ``None`` (``init``,
+            ``"mean"`` for ``"subword_mean"``). Must be ``None`` or ``init`` when tied.
         generator: random source for ``"normal"`` (CPU generator).
 
     Returns:
@@ -51,13 +58,16 @@ def resize_embeddings(
 
     Raises:
         ValueError: the model's embedding rows != ``len(old_tokenizer)``;
-            ``new_tokenizer`` does not extend ``old_tokenizer``; ``init`` is unknown.
+            ``new_tokenizer`` does not extend ``old_tokenizer``; ``init`` or ``head_init`` is
+            unknown; ``head_init`` differs from ``init`` on tied embeddings.
 
     Example:
         >>> new_ids = resize_embeddings(model, "llama2.model", merged, init="subword_mean")
         >>> model.get_input_embeddings().weight.shape  # (len(merged.proto.pieces), hidden)
     """
     check_choice("init", init, RESIZE_INITS)
+    if head_init is not None:
+        check_choice("head_init", head_init, RESIZE_INITS)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     inp = model.get_input_embeddings()
@@ -78,9 +88,17 @@ def resize_embeddings(
             f"id {bad} is {got!r} in new_tokenizer but {old.pieces[bad]!r} in old_tokenizer"
         )
     tied = out is not None and out.weight is inp.weight
+    if tied and head_init not in (None, init):
+        raise ValueError(
+            f"head_init={head_init!r} differs from init={init!r}, but the model ties its "
+            "input embeddings and lm_head (one matrix); leave head_init=None"
+        )
+    if head_init is None:
+        head_init = "mean" if init == "subword_mean" else init
 
     rows = _new_row_sources(old, new, init)
     inp_new = _grow(inp.weight, rows, init, generator, model)
+    head_rows = rows if head_init == init else _new_row_sources(old, new, head_init)
     inp.weight = torch.nn.Parameter(inp_new, requires_grad=inp.weight.requires_grad)
     inp.num_embeddings = n_new
     if out is not None:
@@ -88,7 +106,7 @@ def resize_embeddings(
             out.weight = inp.weight
         else:
             out.weight = torch.nn.Parameter(
-                _grow(out.weight, rows, init, generator, model),
+                _grow(out.weight, head_rows, head_init, generator, model),
                 requires_grad=out.weight.requires_grad,
             )
         if getattr(out, "bias", None) is not None:

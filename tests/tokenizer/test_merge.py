@@ -165,3 +165,45 @@ def test_cjk_filter_keeps_english_tokenization(llama2_model_path, zh_model_path,
     merged = spm.SentencePieceProcessor(model_proto=result.proto.SerializeToString())
     english = corpus_lines["en_d2l"][:1000]
     assert merged.encode(english) == base.encode(english)
+
+
+def _original_chinese_llama_merge(base, extra):
+    """Chinese-LLaMA's merge_tokenizers.py, restated: append every piece the base lacks,
+    score 0, default type (their extra model's specials are all in LLaMA already)."""
+    merged = load_proto(base, "base")
+    have = {p.piece for p in merged.pieces}
+    for p in load_proto(extra, "extra").pieces:
+        if p.piece not in have:
+            new = merged.pieces.add()
+            new.piece, new.score = p.piece, 0
+    return merged
+
+
+def test_seed_is_the_original_procedure(llama2_model_path, zh_model_path, merged_seed):
+    want = _original_chinese_llama_merge(llama2_model_path, zh_model_path)
+    got = merged_seed.proto
+    assert [(p.piece, p.score, p.type) for p in got.pieces] == [
+        (p.piece, p.score, p.type) for p in want.pieces
+    ]
+
+
+def test_published_chinese_llama_vocabulary(llama2_model_path):
+    """Llama + Chinese-LLaMA's chinese_sp.model = their 49,953 pieces, piece for piece.
+
+    The published models are not bundled (licence); put ``chinese_sp.model`` (and, for the
+    piece-for-piece check, their merged ``chinese_llama.model``) under data/tokenizers/.
+    """
+    from llamazh.testing import data_path
+
+    extra = data_path("tokenizers/chinese_sp.model")
+    if extra is None:
+        pytest.skip("data/tokenizers/chinese_sp.model (Chinese-LLaMA's) is not in this checkout")
+    result = merge_sentencepiece(llama2_model_path, extra, scores="seed")
+    assert (result.final_size, len(result.added)) == (49953, 17953)
+    assert result.skipped_present + result.skipped_special == 20000 - 17953
+    published = data_path("tokenizers/chinese_llama.model")
+    if published is not None:
+        want = load_proto(published, "published")
+        assert [(p.piece, p.score, p.type) for p in result.proto.pieces] == [
+            (p.piece, p.score, p.type) for p in want.pieces
+        ]

@@ -29,11 +29,18 @@ def test_old_rows_bit_identical_and_subword_mean(llama2_model_path, merged_rank,
     assert torch.equal(emb[:n_old], emb0) and torch.equal(head[:n_old], head0)
     assert model.config.vocab_size == n_new
     oracle = build_fast_tokenizer(llama2_model_path).model
-    for new_id in [n_old, n_old + 7, (n_old + n_new) // 2, n_new - 1]:
-        split = [t.id for t in oracle.tokenize(merged_rank.proto.pieces[new_id].piece)]
-        for got, table in [(emb, emb0), (head, head0)]:
-            want = table[split].float().mean(0).to(dtype)
-            assert torch.equal(got[new_id], want), (new_id, split)
+    probe = [n_old, n_old + 7, (n_old + n_new) // 2, n_new - 1]
+    splits = {i: [t.id for t in oracle.tokenize(merged_rank.proto.pieces[i].piece)] for i in probe}
+    for new_id, split in splits.items():
+        assert torch.equal(emb[new_id], emb0[split].float().mean(0).to(dtype)), (new_id, split)
+    # the lm_head gets the global mean by default (subword-mean output rows compete with
+    # their own subwords), subword means only when asked
+    assert torch.equal(head[n_old:], head0.float().mean(0).to(dtype).expand(n_new - n_old, -1))
+    model = _model(dtype=dtype)
+    resize_embeddings(model, llama2_model_path, merged_rank, head_init="subword_mean")
+    head = model.get_output_embeddings().weight
+    for new_id, split in splits.items():
+        assert torch.equal(head[new_id], head0[split].float().mean(0).to(dtype)), (new_id, split)
     out = model(torch.tensor([[1, n_new - 1, 5]])).logits
     assert out.shape == (1, 3, n_new) and torch.isfinite(out).all()
 
@@ -79,3 +86,9 @@ def test_errors(llama2_model_path, merged_rank, zh_model_path):
         resize_embeddings(_model(), llama2_model_path, zh_model_path)
     with pytest.raises(ValueError, match="init must be one of"):
         resize_embeddings(_model(), llama2_model_path, merged_rank, init="zeros")
+    with pytest.raises(ValueError, match="head_init must be one of"):
+        resize_embeddings(_model(), llama2_model_path, merged_rank, head_init="zeros")
+    tied = _model(tied=True)
+    with pytest.raises(ValueError, match="head_init='mean' differs from init='subword_mean'"):
+        resize_embeddings(tied, llama2_model_path, merged_rank, head_init="mean")
+    assert tied.get_input_embeddings().weight.shape[0] == 32000  # nothing changed
