@@ -40,7 +40,9 @@ class Run:
             metrics = json.loads(done.read_text(encoding="utf-8"))
             print(f"(cached in {step_dir}; delete that folder to redo this step)")
             for key, value in metrics.items():
-                if not isinstance(value, (list, dict)):
+                if isinstance(value, float):
+                    print(f"  {key}: {value:.4g}")
+                elif not isinstance(value, (list, dict)):
                     print(f"  {key}: {value}")
         else:
             if step_dir.exists():  # an interrupted earlier attempt: start the step afresh
