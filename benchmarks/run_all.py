@@ -106,11 +106,11 @@ TABULAR = re.compile(r"^\s*[|-]|\S {2,}\S")
 
 def last_table(text: str) -> str:
     """The last block of consecutive table-looking lines of ``text`` (rows starting with ``|``
-    or ``-``, or with cells separated by two or more spaces)."""
+    or ``-``, or with cells separated by two or more spaces); else its last two lines."""
     lines = text.rstrip().splitlines()
     end = next((i for i in range(len(lines) - 1, -1, -1) if TABULAR.search(lines[i])), None)
-    if end is None:
-        return ""
+    if end is None:  # no table: the last two lines of prose
+        return "\n".join(line for line in lines[-2:] if line.strip())
     start = end
     while start > 0 and TABULAR.search(lines[start - 1]):
         start -= 1
@@ -127,6 +127,7 @@ def run(bench: Bench, out: Path, full: bool, cuda: bool) -> tuple[str, float, st
     env = {
         **os.environ,
         "PYTHONPATH": f"{ROOT.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONUNBUFFERED": "1",  # stream the benchmark's output as it runs
     }
     start = time.perf_counter()
     proc = subprocess.Popen(

@@ -42,7 +42,13 @@ def _merge(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("base", metavar="BASE", help="base SentencePiece .model (e.g. Llama-2)")
     parser.add_argument("extra", metavar="EXTRA", help="SentencePiece .model to add")
     parser.add_argument("out", metavar="OUT", help="directory to create")
-    parser.add_argument("--scores", choices=("seed", "rank"), default="seed")
+    parser.add_argument(
+        "--scores",
+        choices=("seed", "rank"),
+        default="rank",
+        help="rank (default): the exported fast tokenizer encodes exactly like sentencepiece; "
+        "seed: the original Chinese-LLaMA scores (all 0), which no fast tokenizer reproduces",
+    )
     parser.add_argument("--pad-to-multiple", type=int, default=None, metavar="N")
     parser.add_argument("--pad-token", default=None, help="an existing piece to pad with")
     parser.add_argument(
