@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class Run:
                 shutil.rmtree(step_dir)
             step_dir.mkdir(parents=True)
             start = time.perf_counter()
+            # each step seeds itself, so a resumed run computes what a fresh one does
+            torch.manual_seed(zlib.crc32(name.encode()))
             metrics = fn(step_dir)
             metrics["seconds"] = round(time.perf_counter() - start, 1)
             tmp = done.with_suffix(".tmp")
