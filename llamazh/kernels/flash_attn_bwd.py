@@ -18,6 +18,7 @@ from llamazh.kernels.flash_attn_common import (
     LOG2E_C,
     _key_ranges,
     _query_ranges,
+    _sequence_bounds,
     _tanh,
     _window_mask,
     block_d,
@@ -82,13 +83,9 @@ def _attn_bwd_dkdv_kernel(
     pid_bk = tl.program_id(1).to(tl.int64)
     b = pid_bk // HKV
     hk = pid_bk % HKV
-    q_start = b * 0
-    k_start = b * 0
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    q_start, k_start, seqlen_q, seqlen_k = _sequence_bounds(
+        CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN
+    )
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -161,13 +158,9 @@ def _attn_bwd_dq_kernel(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
-    q_start = b * 0
-    k_start = b * 0
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    q_start, k_start, seqlen_q, seqlen_k = _sequence_bounds(
+        CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN
+    )
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return

@@ -112,6 +112,20 @@ def _window_mask(offs_m, offs_n, off, seqlen_q, seqlen_k, wl, wr, HAS_LEFT, HAS_
 
 
 @triton.jit
+def _sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN):
+    # Where sequence b starts in the query/key rows and how long it is: dense inputs start at 0
+    # with the given lengths; packed (varlen) inputs read both from cu_seqlens.
+    q_start = b * 0
+    k_start = b * 0
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    return q_start, k_start, seqlen_q, seqlen_k
+
+
+@triton.jit
 def _key_ranges(m0, seqlen_q, seqlen_k, off, wl, wr, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT):
     # For query rows [m0, m0 + BLOCK_M): key blocks [lo, fs) and [fe, hi) need the mask,
     # [fs, fe) is fully visible to every row (no mask work); BLOCK_N-aligned except hi.
