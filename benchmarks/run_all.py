@@ -29,75 +29,50 @@ ROOT = Path(__file__).resolve().parent
 class Bench:
     name: str
     what: str
-    quick: tuple[str, ...] = ()
+    quick: str = ""  # arguments of the small configuration
     needs_gpu: bool = False
     out_flag: str = "--out"
 
+
+# the model shape both memory benchmarks use in their small configuration
+SMALL_LLAMA = "--layers 2 --hidden 256 --intermediate 704 --vocab 16384"
 
 BENCHES = (
     Bench(
         "tokenizer_efficiency",
         "tokens/char before and after the Chinese merge",
-        ("--vocab-size", "8000"),
+        "--vocab-size 8000",
         out_flag="--run-dir",
     ),
     Bench(
         "resize_init",
         "loss right after the resize, per init of the new rows",
-        ("--steps", "60", "--vocab-size", "8000"),
+        "--steps 60 --vocab-size 8000",
         out_flag="--run-dir",
     ),
     Bench(
         "training_memory",
         "peak RSS and step time: frozen / new_rows / full embeddings vs PEFT",
-        (
-            "--layers",
-            "2",
-            "--hidden",
-            "256",
-            "--intermediate",
-            "704",
-            "--vocab",
-            "16384",
-            "--new",
-            "4096",
-            "--rank",
-            "16",
-            "--seq",
-            "128",
-            "--steps",
-            "2",
-        ),
+        f"{SMALL_LLAMA} --new 4096 --rank 16 --seq 128 --steps 2",
     ),
     Bench(
         "merge_memory",
         "peak RSS of merge_adapters against the largest shard",
-        (
-            "--layers",
-            "2",
-            "--hidden",
-            "256",
-            "--intermediate",
-            "704",
-            "--vocab",
-            "16384",
-            "--shard-mb",
-            "8",
-        ),
+        f"{SMALL_LLAMA} --shard-mb 8",
         out_flag="",
     ),
     Bench(
         "rope_long_context",
         "perplexity vs length per rotary scaling (no training at long lengths)",
-        ("--train-seconds", "60", "--lengths", "256", "512", "1024", "--windows", "2"),
+        "--train-seconds 60 --lengths 256 512 1024 --windows 2",
     ),
     Bench(
         "speculative",
         "speed-up and acceptance of speculative decoding vs target-only",
-        ("--train-steps", "60", "--prompts", "2", "--max-new-tokens", "48", "--ks", "2", "4"),
+        "--train-steps 60 --prompts 2 --max-new-tokens 48 --ks 2 4",
     ),
-    Bench("attention", "FlashAttention-2 kernel vs SDPA (and flash-attn)", ("--quick",), True),
-    Bench("rope_kernel", "fused RoPE kernel vs transformers' eager rotary", (), True),
+    Bench("attention", "FlashAttention-2 kernel vs SDPA (and flash-attn)", "--quick", True),
+    Bench("rope_kernel", "fused RoPE kernel vs transformers' eager rotary", "", True),
 )
 
 
@@ -120,7 +95,7 @@ def last_table(text: str) -> str:
 def run(bench: Bench, out: Path, full: bool, cuda: bool) -> tuple[str, float, str]:
     if bench.needs_gpu and not cuda:
         return "skipped: needs a CUDA GPU, none on this machine", 0.0, ""
-    argv = [sys.executable, str(ROOT / f"{bench.name}.py"), *(() if full else bench.quick)]
+    argv = [sys.executable, str(ROOT / f"{bench.name}.py"), *([] if full else bench.quick.split())]
     if bench.out_flag:
         argv += [bench.out_flag, str(out / bench.name)]
     print(f"\n##### {bench.name}: {' '.join(argv[1:])}", flush=True)

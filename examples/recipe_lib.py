@@ -97,20 +97,23 @@ def to_blocks(
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
-def train_lm(
+def fit(
     model: torch.nn.Module,
     blocks: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
     *,
     steps: int,
     batch_size: int,
     optimizer: torch.optim.Optimizer,
     desc: str,
     seed: int = 0,
-    warmup: int = 10,
+    warmup: int = 1,
 ) -> list[float]:
-    """A plain causal-LM loop: random batches of blocks, cosine schedule; returns losses."""
+    """The training loop of the recipe: random batches of (N, S) ``blocks``, ``loss_fn(batch)``,
+    linear warm-up then cosine decay (floor 5%), gradients clipped at 1; returns the losses."""
     gen = torch.Generator().manual_seed(seed)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     losses: list[float] = []
     model.train()
     bar = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0)
@@ -118,13 +121,10 @@ def train_lm(
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * max(scale, 0.05)
-        idx = torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)
-        batch = blocks[idx]  # (B, S)
-        loss = model(input_ids=batch, labels=batch).loss
+        batch = blocks[torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)]  # (B, S)
+        loss = loss_fn(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], 1.0
-        )
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -133,41 +133,27 @@ def train_lm(
     return losses
 
 
+def train_lm(model: torch.nn.Module, blocks: torch.Tensor, **options: Any) -> list[float]:
+    """Causal-LM training of ``model`` on (N, S) ``blocks`` (options as :func:`fit`)."""
+    options.setdefault("warmup", 10)
+    return fit(model, blocks, lambda batch: model(input_ids=batch, labels=batch).loss, **options)
+
+
 def distill(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
-    blocks: torch.Tensor,
-    *,
-    steps: int,
-    batch_size: int,
-    optimizer: torch.optim.Optimizer,
-    desc: str,
-    seed: int = 0,
+    student: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tensor, **options: Any
 ) -> list[float]:
     """Train ``student`` towards ``teacher``'s next-token distributions (KL(teacher || student)
-    per token) on random batches of (N, S) ``blocks``, as draft models are made; returns losses."""
-    gen = torch.Generator().manual_seed(seed)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    losses: list[float] = []
+    per token) on (N, S) ``blocks``, as draft models are made (options as :func:`fit`)."""
     teacher.eval()
-    student.train()
-    for step in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0):
-        scale = 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group, lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = lr * max(scale, 0.05)
-        batch = blocks[torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)]
+
+    def kl(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = torch.log_softmax(teacher(input_ids=batch).logits.float(), dim=-1)
         logq = torch.log_softmax(student(input_ids=batch).logits.float(), dim=-1)
         loss = torch.nn.functional.kl_div(logq, target, log_target=True, reduction="batchmean")
-        loss = loss / batch.shape[1]  # batchmean divides by B only: make it per token
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    student.eval()
-    return losses
+        return loss / batch.shape[1]  # batchmean divides by B only: make it per token
+
+    return fit(student, blocks, kl, **options)
 
 
 @torch.no_grad()
