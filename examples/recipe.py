@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from recipe_adapt import (
     Context,
     step_continue_pretraining,
@@ -117,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.run_dir)
     if args.fresh and root.exists():
         shutil.rmtree(root)
-    torch.manual_seed(0)
-    random.seed(0)
     run = Run(root)
     start = time.perf_counter()
     (root / "sizes.json").write_text(json.dumps(asdict(sizes), indent=1))
