@@ -1,4 +1,5 @@
-"""Steps 1-4 of ``examples/recipe.py`` (build the Chinese model) and what the later steps share.
+"""Steps 1-4 of ``examples/recipe.py``: measure SmolLM2, extend its vocabulary, continue
+pre-training (and the same-compute control), instruction-tune in ChatML.
 
 Each step is a function of the shared :class:`Context` and caches its outputs in its own folder
 of the run directory."""
@@ -6,22 +7,27 @@ of the run directory."""
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from recipe_lib import Run, perplexity, to_blocks, train_lm
-
-from llamazh.templates import get_template
-from llamazh.tokenizer import (
-    encoding_efficiency,
-    export_hf_tokenizer,
-    merge_sentencepiece,
-    resize_embeddings,
-    train_sentencepiece,
+from recipe_lib import (
+    Run,
+    bits_per_char,
+    block_sampler,
+    chat,
+    cut_texts,
+    fit,
+    lm_loss,
+    table,
+    to_blocks,
 )
+
+from llamazh.pretrained import load_smollm2, smollm2_dir
+from llamazh.templates import get_template
+from llamazh.tokenizer import resize_embeddings
+from llamazh.tokenizer.bpe import extend_bpe
 from llamazh.training import (
     CausalLMCollator,
     merge_adapters,
@@ -29,326 +35,373 @@ from llamazh.training import (
     save_adapter,
 )
 
-DATA = Path(__file__).resolve().parent.parent / "data"
-LLAMA2 = DATA / "tokenizers" / "llama2.model"
-EOS = 2
-BOOK_D2L, BOOK_CLASSICAL = "《动手学深度学习》", "中国古典诗文"
-CONTINUE = "续写下面这段文字。"
+SEP = "<|endoftext|>"  # SmolLM2's document separator, put before every training/eval text
+EN_PROMPTS = (
+    "What is the capital of France?",
+    "Give me one tip for learning a new language.",
+)
+ZH_PROMPTS = (
+    "中国的首都是哪里？",
+    "请用一句话解释什么是机器学习。",
+)
+CONTINUE_ZH, REPEAT_ZH = "续写下面这段文字。", "把下面这段话原样重复一遍。"
 WHICH_BOOK = "这段文字出自哪里？"
+CONTINUE_EN, REPEAT_EN = "Continue the following text.", "Repeat the following paragraph."
+BOOK_D2L, BOOK_CLASSICAL = "《动手学深度学习》", "中国古典诗文"
 
 
 @dataclass
 class Context:
     sizes: Any
     run: Run
+    zh_train: list[str]  # Chinese training lines (zh_d2l, then zh_classical)
+    zh_held: list[str]  # held-out CJK-heavy zh_d2l lines
+    classical_held: list[str]
     en_train: list[str]
-    en_heldout: list[str]
-    zh_train: list[str]
-    zh_heldout: list[str]
-    classical: list[str]
-
-    @property
-    def merged_model(self) -> Path:
-        return self.run.path("02_vocab") / "merged.model"
+    en_held: list[str]
+    tokenizer_override: Path | None = None  # --tokenizer: an extended tokenizer to use
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.run.path("02_vocab") / "tokenizer"
+        return self.tokenizer_override or self.run.path("02_vocab") / "tokenizer"
+
+    def base(self) -> tuple[Any, Any]:
+        model, tokenizer = load_smollm2()
+        return model.eval(), tokenizer
+
+    def base_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(smollm2_dir())
+
+    def ext_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir)
+
+    def eval_sets(self) -> dict[str, list[str]]:
+        s = self.sizes
+        return {
+            "zh": cut_texts(self.zh_held, s.eval_chars),
+            "en": cut_texts(self.en_held, s.eval_chars),
+        }
+
+    def curve_set(self) -> list[str]:
+        return cut_texts(self.zh_held[::-1], self.sizes.curve_chars)
 
 
-def sp(path: Path):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(path))
+def encoder(tokenizer: Any):
+    return lambda text: tokenizer(text, add_special_tokens=False).input_ids
 
 
-def new_llama(vocab_size: int, hidden: int, layers: int, heads: int, block: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=hidden * 8 // 3 // 8 * 8,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=block,
-        bos_token_id=1,
-        eos_token_id=EOS,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+def bpc_all(model: Any, tokenizer: Any, sets: dict[str, list[str]]) -> dict[str, float]:
+    sep = tokenizer.convert_tokens_to_ids(SEP)
+    return {k: bits_per_char(model, encoder(tokenizer), v, sep) for k, v in sets.items()}
 
 
-def load(path: Path):
-    from transformers import AutoModelForCausalLM
+def answers(model: Any, tokenizer: Any, n_tokens: int) -> dict[str, str]:
+    template = get_template("chatml")
+    return {q: chat(model, tokenizer, template, q, n_tokens)[0] for q in EN_PROMPTS + ZH_PROMPTS}
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+def zh_chars_per_second(model: Any, tokenizer: Any, n_tokens: int) -> float:
+    """Characters per second of greedy Chinese generation (exactly ``n_tokens`` each)."""
+    template = get_template("chatml")
+    chars = seconds = 0.0
+    for q in ZH_PROMPTS:
+        text, s, _ = chat(model, tokenizer, template, q, n_tokens, until_eos=False)
+        chars, seconds = chars + len(text), seconds + s
+    return chars / seconds
+
+
+def check_extends(base: Any, extended: Any, model: Any) -> None:
+    """Refuse an extended tokenizer that does not extend ``model``'s own."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(base) != rows:
+        raise ValueError(f"the base tokenizer has {len(base)} tokens, the model {rows} rows")
+    old, new = base.get_vocab(), extended.get_vocab()
+    moved = [t for t, i in old.items() if new.get(t) != i]
+    if moved or len(new) <= len(old):
+        raise ValueError(
+            f"the tokenizer in {getattr(extended, 'name_or_path', '?')!r} does not extend the "
+            f"model's own ({len(old)} tokens): {len(moved)} of its tokens are missing or have "
+            f"other ids (e.g. {moved[:3]!r}), and it has {len(new)} tokens; an extended "
+            "tokenizer must keep every base token at its id and add new ones after them"
+        )
 
 
 # ---- 1 -----------------------------------------------------------------------------------
-def step_pretrain(c: Context) -> dict:
+def step_base(c: Context) -> dict:
     s = c.sizes
 
     def run(d: Path) -> dict:
-        llama = sp(LLAMA2)
-        train = to_blocks(c.en_train, llama.encode, EOS, s.block)
-        held = to_blocks(c.en_heldout, llama.encode, EOS, s.block)[:32]
-        torch.manual_seed(0)
-        model = new_llama(llama.get_piece_size(), s.hidden, s.layers, s.heads, s.block)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(
-            f"  model: {s.layers} layers, hidden {s.hidden}, {n_params / 1e6:.1f} M parameters;"
-            f" {train.numel():,} English tokens in blocks of {s.block}"
-        )
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-        losses = train_lm(
-            model,
-            train,
-            steps=s.pretrain_steps,
-            batch_size=s.batch,
-            optimizer=opt,
-            desc="pre-train",
-        )
-        model.save_pretrained(d / "model")
-        ppl = perplexity(model, held)
-        print(
-            f"  English held-out perplexity: {ppl:.1f} (loss {losses[0]:.2f} -> {losses[-1]:.2f})"
-        )
-        return {"en_ppl": ppl, "params_m": n_params / 1e6, "losses": losses}
+        model, tokenizer = c.base()
+        n = sum(p.numel() for p in model.parameters())
+        print(f"  SmolLM2-135M-Instruct: {model.config.num_hidden_layers} layers, {n / 1e6:.1f} M "
+              f"parameters, {len(tokenizer)} tokens")  # fmt: skip
+        bpc = bpc_all(model, tokenizer, c.eval_sets())
+        print(f"  held-out bits per character: zh {bpc['zh']:.3f}, en {bpc['en']:.3f}")
+        said = answers(model, tokenizer, s.answer_tokens)
+        for q, a in said.items():
+            print(f"  {q}\n    -> {a!r}")
+        speed = zh_chars_per_second(model, tokenizer, s.speed_tokens)
+        print(f"  Chinese generation: {speed:.1f} characters/s ({s.speed_tokens} tokens a prompt)")
+        return {"bpc_zh": bpc["zh"], "bpc_en": bpc["en"], "answers": said, "zh_chars_per_s": speed}
 
-    return c.run.step("01_base", "1. Pre-train a tiny 'original LLaMA' on English", run)
+    return c.run.step("01_base", "1. The base model: bits per character and answers", run)
 
 
 # ---- 2 -----------------------------------------------------------------------------------
+def tokens_per_char(tokenizer: Any, lines: list[str]) -> float:
+    enc = encoder(tokenizer)
+    return sum(len(enc(x)) for x in lines) / sum(len(x) for x in lines)
+
+
 def step_vocabulary(c: Context) -> dict:
     s = c.sizes
 
     def run(d: Path) -> dict:
-        text = d / "zh_train.txt"
-        text.write_text("\n".join(c.zh_train + c.classical), encoding="utf-8")
-        start = time.perf_counter()
-        zh = train_sentencepiece(text, d / "zh.model", vocab_size=s.zh_vocab)
-        trained = time.perf_counter() - start
-        merged = merge_sentencepiece(LLAMA2, zh, scores="rank")
-        merged.save(c.merged_model)
-        export_hf_tokenizer(merged, c.tokenizer_dir)
-        print(f"  trained a {s.zh_vocab}-piece Chinese model in {trained:.1f} s; merged: {merged}")
-        report = encoding_efficiency(
-            {"llama2": LLAMA2, "merged": c.merged_model},
-            {
-                "zh held-out": c.zh_heldout,
-                "zh classical": c.classical[-200:],
-                "en held-out": c.en_heldout,
-            },
-        )
-        print(report.table())
-        return {
-            "merged_size": merged.final_size,
-            "zh_tpc_llama2": report.get("llama2", "zh held-out").tokens_per_char,
-            "zh_tpc_merged": report.get("merged", "zh held-out").tokens_per_char,
-            "en_tpc_llama2": report.get("llama2", "en held-out").tokens_per_char,
-            "en_tpc_merged": report.get("merged", "en held-out").tokens_per_char,
+        base = c.base_tokenizer()
+        if c.tokenizer_override is not None:
+            print(f"  using the extended tokenizer in {c.tokenizer_override} (--tokenizer)")
+        else:
+            lines = c.zh_train[:: s.vocab_line_stride]
+            ext = extend_bpe(base, lines, new_tokens=s.new_tokens)
+            ext.save(d / "tokenizer")
+            print(f"  {ext}, learned on {len(lines):,} lines")
+            print("  some new tokens: " + " ".join(ext.new_token_text()[:: s.new_tokens // 12]))
+        extended = c.ext_tokenizer()
+        sets = {
+            "zh_d2l held-out": c.zh_held,
+            "zh_classical held-out": c.classical_held[: s.efficiency_lines],
+            "en held-out": c.en_held[: s.efficiency_lines],
         }
+        rows, out = [], {"vocab_size": len(extended)}
+        for name, lines in sets.items():
+            before, after = tokens_per_char(base, lines), tokens_per_char(extended, lines)
+            rows.append({"text": name, "SmolLM2": f"{before:.3f}", "extended": f"{after:.3f}",
+                         "fewer tokens": f"{before / after:.2f}x"})  # fmt: skip
+            key = name.split()[0]
+            out[f"tpc_{key}_base"], out[f"tpc_{key}_ext"] = before, after
+        print("  tokens per character:")
+        print(table(rows, list(rows[0])))
+        return out
 
-    return c.run.step("02_vocab", "2. Train a Chinese vocabulary and merge it", run)
+    return c.run.step("02_vocab", f"2. Extend the vocabulary (+{s.new_tokens:,} tokens)", run)
 
 
 # ---- 3 -----------------------------------------------------------------------------------
+def cpt_arm(c: Context, model: Any, tokenizer: Any, prepared: Any, lrs: tuple[float, float],
+            desc: str) -> dict:  # fmt: skip
+    """Train one arm (extended vocabulary or control) for the CPT budget; bits/char curves."""
+    s = c.sizes
+    sep = tokenizer.convert_tokens_to_ids(SEP)
+    enc = encoder(tokenizer)
+    zh = to_blocks(c.zh_train[: s.cpt_lines], enc, sep, s.block)
+    en = to_blocks(c.en_train[: s.cpt_lines // 4], enc, sep, s.block)[: max(1, len(zh) // 4)]
+    blocks = torch.cat([zh, en])  # one English replay block in five limits forgetting
+    curve = c.curve_set()
+    optimizer = torch.optim.AdamW(prepared.param_groups(lrs[0], embedding_lr=lrs[1]))
+    res = fit(
+        model,
+        block_sampler(blocks, s.batch, seed=0),
+        lm_loss(model),
+        optimizer=optimizer,
+        budget_cpu_s=s.cpt_cpu_s,
+        max_steps=s.cpt_max_steps,
+        desc=desc,
+        evaluate=lambda: bits_per_char(model, enc, curve, sep),
+        eval_at=(0.0, 1 / 3, 2 / 3, 1.0),
+    )
+    bpc = bpc_all(model, tokenizer, c.eval_sets())
+    tokens = res.steps * s.batch * s.block
+    print(
+        f"  {desc}: {res.steps} steps x {s.batch} x {s.block} tokens ({tokens:,} tokens, about "
+        f"{tokens / tokens_per_char(tokenizer, curve):,.0f} characters) in "
+        f"{res.cpu_at_step[-1]:.0f} CPU s ({res.wall_s:.0f} s wall); loss {res.losses[0]:.2f} "
+        f"-> {res.losses[-1]:.2f}; "
+        f"held-out bits/char zh {bpc['zh']:.3f}, en {bpc['en']:.3f}"
+    )
+    return {
+        "bpc_zh": bpc["zh"],
+        "bpc_en": bpc["en"],
+        "steps": res.steps,
+        "tokens": tokens,
+        "train_cpu_s": res.cpu_at_step[-1],
+        "train_wall_s": res.wall_s,
+        "losses": res.losses,
+        "curve": res.evals,
+        "blocks": [len(zh), len(en)],
+    }
+
+
 def step_continue_pretraining(c: Context) -> dict:
     s = c.sizes
 
     def run(d: Path) -> dict:
-        model = load(c.run.path("01_base") / "model")
-        new_ids = resize_embeddings(model, LLAMA2, c.merged_model, init="subword_mean")
+        model, base = c.base()
+        extended = c.ext_tokenizer()
+        check_extends(base, extended, model)
+        new_ids = resize_embeddings(model, base, extended, init="subword_mean")
         model.save_pretrained(d / "resized_base")
-        merged = sp(c.merged_model)
-        zh_train = to_blocks(c.zh_train, merged.encode, EOS, s.block)
-        # a little English replay (one block in five) limits forgetting, as mixed corpora do
-        en_replay = to_blocks(c.en_train, merged.encode, EOS, s.block)[: len(zh_train) // 4]
-        train = torch.cat([zh_train, en_replay])
-        print(f"  {len(zh_train)} Chinese + {len(en_replay)} English replay blocks of {s.block}")
-        zh_held = to_blocks(c.zh_heldout, merged.encode, EOS, s.block)[:32]
-        en_held = to_blocks(c.en_heldout, merged.encode, EOS, s.block)[:32]
-        before = perplexity(model, zh_held), perplexity(model, en_held)
+        extended.save_pretrained(d / "resized_base")
+        resized = bpc_all(model, extended, c.eval_sets())
         print(
-            f"  resized to {model.get_input_embeddings().num_embeddings} rows "
-            f"({len(new_ids)} new, sub-word mean init); zh ppl {before[0]:.1f}, "
-            f"en ppl {before[1]:.1f}"
+            f"  resized to {len(extended):,} rows ({len(new_ids):,} new, sub-word mean, tied); "
+            f"bits/char with the extended tokenizer before training: zh {resized['zh']:.3f}, "
+            f"en {resized['en']:.3f}"
         )
-        # Only the new input rows train (the old ones keep their English meaning), but the whole
-        # lm_head does: with new output rows only, the English-trained softmax keeps favouring
-        # English pieces (measured on this recipe: Chinese perplexity 7,849 vs 731 after 100
-        # steps). Chinese-LLaMA trains both matrices in full.
+        # LoRA on every projection plus the new rows of the tied embedding (= lm_head rows)
         prepared = prepare_for_training(
-            model,
-            rank=s.lora_rank,
-            alpha=2 * s.lora_rank,
-            dropout=0.05,
-            embeddings="new_rows",
-            lm_head="full",
-            new_token_ids=new_ids,
-        )
+            model, rank=s.lora_rank, alpha=2 * s.lora_rank, dropout=0.05,
+            embeddings="new_rows", lm_head="new_rows", new_token_ids=new_ids,
+        )  # fmt: skip
         print(f"  trainable parameters:\n{prepared.report()}")
-        opt = torch.optim.AdamW(prepared.param_groups(5e-3, embedding_lr=1e-2))
-        losses = train_lm(
-            model,
-            train,
-            steps=s.cpt_steps,
-            batch_size=s.batch,
-            optimizer=opt,
-            desc="continue pre-training",
-        )
+        ext = cpt_arm(c, model, extended, prepared, (s.lora_lr, s.rows_lr), "extended vocabulary")
         save_adapter(prepared, d / "adapter")
-        after = perplexity(model, zh_held), perplexity(model, en_held)
-        print(
-            f"  zh ppl {before[0]:.1f} -> {after[0]:.1f}; en ppl {before[1]:.1f} -> "
-            f"{after[1]:.1f} (forgetting)"
-        )
-        return {
-            "new_rows": len(new_ids),
-            "zh_ppl_before": before[0],
-            "zh_ppl_after": after[0],
-            "en_ppl_before": before[1],
-            "en_ppl_after": after[1],
-            "losses": losses,
-        }
+        del model, prepared
 
-    return c.run.step("03_cpt", "3. Resize embeddings, continue pre-training on Chinese", run)
+        # the control: the same budget, LoRA alone on the original tokenizer
+        model, base = c.base()
+        prepared = prepare_for_training(
+            model, rank=s.lora_rank, alpha=2 * s.lora_rank, dropout=0.05,
+            embeddings="frozen", lm_head="frozen",
+        )  # fmt: skip
+        control = cpt_arm(c, model, base, prepared, (s.lora_lr, s.rows_lr), "control (original)")
+        save_adapter(prepared, d / "adapter_control")
+        base_bpc = c.run.summary["01_base"]
+        results = (
+            ("SmolLM2 (base)", base_bpc["bpc_zh"], base_bpc["bpc_en"], 0),
+            ("extended, resized (no training)", resized["zh"], resized["en"], 0),
+            ("extended + LoRA + new rows", ext["bpc_zh"], ext["bpc_en"], ext["tokens"]),
+            ("control: LoRA, original tokenizer", control["bpc_zh"], control["bpc_en"],
+             control["tokens"]),
+        )  # fmt: skip
+        rows = [{"model": m, "zh bits/char": f"{zh:.3f}", "en bits/char": f"{en:.3f}",
+                 "tokens trained": f"{n:,}"} for m, zh, en, n in results]  # fmt: skip
+        print(table(rows, list(rows[0])))
+        wins = ext["bpc_zh"] < control["bpc_zh"]
+        print(
+            f"  at {s.cpt_cpu_s:.0f} CPU s each, the extended vocabulary "
+            f"{'wins' if wins else 'does NOT win'} on held-out Chinese: {ext['bpc_zh']:.3f} vs "
+            f"{control['bpc_zh']:.3f} bits/char (English {ext['bpc_en']:.3f} vs "
+            f"{control['bpc_en']:.3f})"
+        )
+        return {"new_rows": len(new_ids), "resized": resized, "ext": ext, "control": control,
+                "extended_wins_zh": wins}  # fmt: skip
+
+    return c.run.step("03_cpt", "3. Continued pre-training, and the same-compute control", run)
 
 
 # ---- 4 -----------------------------------------------------------------------------------
-def sft_records(c: Context, n: int, rng: random.Random) -> list[dict]:
-    records = []
-    for line in rng.sample(c.zh_train, min(n // 3, len(c.zh_train))):
-        if len(line) >= 16:
+def sft_records(zh: list[str], classical: list[str], en: list[str], n: int, seed: int) -> list:
+    """Chinese instructions from the corpora (continue, repeat, which book) + English replay."""
+    rng = random.Random(seed)
+    out = []
+    for line in rng.sample(zh, min(n // 4, len(zh))):
+        if len(line) >= 24:
             cut = min(len(line) // 2, 60)
-            records.append(
-                {"instruction": CONTINUE, "input": line[:cut], "output": line[cut : cut + 30]}
-            )
-    pool = [(x, BOOK_D2L) for x in c.zh_train] + [(x, BOOK_CLASSICAL) for x in c.classical[:-40]]
-    for line, book in rng.sample(pool, min(n - n // 3, len(pool))):
-        records.append({"instruction": WHICH_BOOK, "input": line[:40], "output": book})
-    rng.shuffle(records)
-    return records
-
-
-def book_questions(c: Context, n: int) -> list[tuple[str, str]]:
-    d2l = [(x[:40], BOOK_D2L) for x in c.zh_heldout[:n]]
-    classical = [(x[:40], BOOK_CLASSICAL) for x in c.classical[-n:]]
-    return d2l + classical
-
-
-@torch.no_grad()
-def answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
-    template = get_template("alpaca2")
-    prompt = template.render([{"role": "user", "content": question}])
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(
-        ids,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=template.stop_token_ids(tokenizer),
-        pad_token_id=0,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+            out.append((f"{CONTINUE_ZH}\n{line[:cut]}", line[cut : cut + 40]))
+    for line in rng.sample(zh, min(n // 6, len(zh))):
+        out.append((f"{REPEAT_ZH}\n{line[:60]}", line[:60]))
+    pool = [(x, BOOK_D2L) for x in zh] + [(x, BOOK_CLASSICAL) for x in classical]
+    for line, book in rng.sample(pool, min(n // 4, len(pool))):
+        out.append((f"{WHICH_BOOK}\n{line[:40]}", book))
+    for line in rng.sample(en, min(n // 3, len(en))):  # English replay
+        if len(line) >= 80:
+            words = line.split()
+            cut = len(words) // 2
+            if rng.random() < 0.5:
+                out.append((f"{CONTINUE_EN}\n{' '.join(words[:cut][:40])}",
+                            " ".join(words[cut:][:25])))  # fmt: skip
+            else:
+                out.append((f"{REPEAT_EN}\n{' '.join(words[:30])}", " ".join(words[:30])))
+    rng.shuffle(out)
+    return [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in out
+    ]
 
 
 @torch.no_grad()
-def answer_logprob(model, tokenizer, question: str, reply: str) -> float:
-    """log p(reply | question) under the alpaca2 template (the reply's tokens and its EOS)."""
-    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
-    ids, labels = get_template("alpaca2").encode(tokenizer, messages)
-    ids, labels = torch.tensor([ids]), torch.tensor(labels[1:])
-    logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-    scored = labels != -100
-    return logprobs[scored].gather(-1, labels[scored, None]).sum().item()
+def answer_bpc(model: Any, examples: list[dict], chars: int) -> float:
+    """Bits per character of the answers (labelled tokens) of encoded chat examples."""
+    import math
 
-
-def book_accuracy(model, tokenizer, questions: list[tuple[str, str]]) -> float:
-    """Multiple choice, as evaluation harnesses score it: the more likely of the two books."""
-    books = (BOOK_D2L, BOOK_CLASSICAL)
-    hits = 0
-    for line, book in questions:
-        q = f"{WHICH_BOOK}\n{line}"
-        scores = [answer_logprob(model, tokenizer, q, b) for b in books]
-        hits += books[scores.index(max(scores))] == book
-    return hits / len(questions)
+    total = 0.0
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]])
+        labels = torch.tensor([ex["labels"]])
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum"
+        ).item()
+    return total / math.log(2) / chars
 
 
 def step_instruction_tuning(c: Context) -> dict:
-    from transformers import AutoTokenizer
-
     s = c.sizes
 
     def run(d: Path) -> dict:
+        from transformers import AutoModelForCausalLM
+
         merge_adapters(
             c.run.path("03_cpt") / "resized_base",
             [c.run.path("03_cpt") / "adapter"],
             d / "cpt_merged",
             progress=False,
         )
-        model = load(d / "cpt_merged")
-        tokenizer = AutoTokenizer.from_pretrained(c.tokenizer_dir)
-        template = get_template("alpaca2")
-        rng = random.Random(0)
-        records = sft_records(c, s.sft_records, rng)
-        examples = []
-        for r in records:
-            user = f"{r['instruction']}\n{r['input']}" if r["input"] else r["instruction"]
-            ids, labels = template.encode(
-                tokenizer,
-                [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}],
-                max_length=2 * s.block,
-                overflow="truncate",
-            )
-            examples.append({"input_ids": ids, "labels": labels})
-        questions = book_questions(c, 20 if s.sft_steps > 20 else 4)
-        demos = [
-            f"{CONTINUE}\n{c.zh_heldout[0][:30]}",
-            f"{WHICH_BOOK}\n{c.zh_heldout[1][:40]}",
-            f"{WHICH_BOOK}\n{c.classical[-1][:40]}",
-        ]
-        before_text = [answer(model, tokenizer, q) for q in demos]
-        acc_before = book_accuracy(model, tokenizer, questions)
-        prepared = prepare_for_training(
-            model, rank=s.lora_rank, alpha=2 * s.lora_rank, embeddings="frozen", lm_head="full"
-        )
-        opt = torch.optim.AdamW(prepared.param_groups(5e-3))
-        collate = CausalLMCollator(pad_token_id=0)
-        gen = torch.Generator().manual_seed(0)
-        losses = []
-        model.train()
-        for _step in range(s.sft_steps):
-            idx = torch.randint(0, len(examples), (s.batch,), generator=gen).tolist()
-            batch = collate([examples[i] for i in idx])
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        model.eval()
-        save_adapter(prepared, d / "adapter")
-        after_text = [answer(model, tokenizer, q) for q in demos]
-        acc_after = book_accuracy(model, tokenizer, questions)
-        print(
-            f"  {len(examples)} SFT examples ({template.name}); loss {losses[0]:.2f} -> "
-            f"{losses[-1]:.2f}"
-        )
-        for q, before, after in zip(demos, before_text, after_text):
-            print(f"  prompt: {q!r}\n    before: {before!r}\n    after:  {after!r}")
-        print(
-            f"  'which book' accuracy on held-out lines: {acc_before:.0%} -> {acc_after:.0%}"
-            " (the more likely of the two books; balanced, so chance is 50%)"
-        )
-        return {
-            "examples": len(examples),
-            "accuracy_before": acc_before,
-            "accuracy_after": acc_after,
-            "before": before_text,
-            "after": after_text,
-            "losses": losses,
-        }
+        model = AutoModelForCausalLM.from_pretrained(d / "cpt_merged", dtype=torch.float32).eval()
+        tokenizer = c.ext_tokenizer()
+        template = get_template("chatml")
 
-    return c.run.step("04_sft", "4. Instruction-tune with the alpaca2 template", run)
+        def encode(conversations: list) -> list[dict]:
+            out = []
+            for conv in conversations:
+                ids, labels = template.encode(tokenizer, conv, max_length=s.sft_len,
+                                              overflow="truncate")  # fmt: skip
+                out.append({"input_ids": ids, "labels": labels})
+            return out
+
+        train = encode(sft_records(c.zh_train, c.zh_train[-3000:], c.en_train, s.sft_records, 0))
+        held_conv = sft_records(c.zh_held, c.classical_held, c.en_held, s.sft_held, 1)
+        held = encode(held_conv)
+        held_chars = sum(len(conv[1]["content"]) for conv in held_conv)
+        before = answer_bpc(model, held, held_chars)
+        prepared = prepare_for_training(
+            model, rank=s.lora_rank, alpha=2 * s.lora_rank, dropout=0.05,
+            embeddings="frozen", lm_head="frozen",
+        )  # fmt: skip
+        collate = CausalLMCollator(pad_token_id=tokenizer.convert_tokens_to_ids(SEP))
+        gen = torch.Generator().manual_seed(0)
+
+        def next_batch(_step: int) -> dict:
+            idx = torch.randint(0, len(train), (s.batch,), generator=gen).tolist()
+            return collate([train[i] for i in idx])
+
+        res = fit(
+            model,
+            next_batch,
+            lm_loss(model),
+            optimizer=torch.optim.AdamW(prepared.param_groups(s.sft_lr)),
+            budget_cpu_s=s.sft_cpu_s,
+            max_steps=s.sft_max_steps,
+            desc="instruction tuning",
+        )
+        save_adapter(prepared, d / "adapter")
+        after = answer_bpc(model, held, held_chars)
+        said = answers(model, tokenizer, s.answer_tokens)
+        bpc_en = bpc_all(model, tokenizer, {"en": c.eval_sets()["en"]})["en"]
+        print(
+            f"  {len(train)} ChatML examples ({res.steps} steps, {res.cpu_at_step[-1]:.0f} CPU s);"
+            f" loss {res.losses[0]:.2f} -> {res.losses[-1]:.2f}; held-out answers "
+            f"({len(held)} examples): {before:.3f} -> {after:.3f} bits/char; English text "
+            f"{bpc_en:.3f} bits/char"
+        )
+        base_said = c.run.summary["01_base"]["answers"]
+        for q, a in said.items():
+            print(f"  {q}\n    base:  {base_said.get(q, '')!r}\n    after: {a!r}")
+        return {"examples": len(train), "held_bpc_before": before, "held_bpc_after": after,
+                "bpc_en": bpc_en, "answers": said, "steps": res.steps,
+                "train_cpu_s": res.cpu_at_step[-1], "losses": res.losses}  # fmt: skip
+
+    return c.run.step("04_sft", "4. Instruction tuning in ChatML", run)

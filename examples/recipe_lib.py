@@ -1,15 +1,16 @@
-"""Plumbing for ``examples/recipe.py``: resumable steps, a plain training loop, perplexity,
-plots. Nothing here is Chinese-LLaMA specific; the recipe itself lives in ``recipe.py``."""
+"""Plumbing for ``examples/recipe.py``: resumable steps, a compute-budgeted training loop,
+bits per character, chat generation, timing, plots. Nothing here is Chinese-LLaMA specific."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ class Run:
 
     root: Path
     summary: dict[str, dict[str, Any]] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -33,7 +33,11 @@ class Run:
         return self.root / name
 
     def step(self, name: str, title: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-        """Run ``fn(step_dir)`` unless ``step_dir/done.json`` exists; return its metrics."""
+        """Run ``fn(step_dir)`` unless ``step_dir/done.json`` exists; return its metrics.
+
+        ``done.json`` is written last (atomically), so an interrupted step leaves no
+        ``done.json`` and is redone from scratch by the next run.
+        """
         step_dir = self.root / name
         done = step_dir / "done.json"
         print(f"\n=== {title} ===", flush=True)
@@ -43,17 +47,18 @@ class Run:
             for key, value in metrics.items():
                 if isinstance(value, float):
                     print(f"  {key}: {value:.4g}")
-                elif not isinstance(value, (list, dict)):
+                elif isinstance(value, (int, str, bool)):
                     print(f"  {key}: {value}")
         else:
             if step_dir.exists():  # an interrupted earlier attempt: start the step afresh
                 shutil.rmtree(step_dir)
             step_dir.mkdir(parents=True)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             # each step seeds itself, so a resumed run computes what a fresh one does
             torch.manual_seed(zlib.crc32(name.encode()))
             metrics = fn(step_dir)
             metrics["seconds"] = round(time.perf_counter() - start, 1)
+            metrics["cpu_seconds"] = round(time.process_time() - cpu, 1)
             tmp = done.with_suffix(".tmp")
             tmp.write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
             os.replace(tmp, done)
@@ -61,115 +66,197 @@ class Run:
         return metrics
 
 
-def cjk_fraction(text: str) -> float:
-    """Share of the characters of ``text`` that are CJK ideographs."""
-    return sum("\u4e00" <= ch <= "\u9fff" for ch in text) / max(len(text), 1)
-
-
-def read_lines(path: Path, limit_chars: int, *, min_cjk: float = 0.0) -> list[str]:
-    """Non-empty lines of ``path`` (with at least ``min_cjk`` CJK characters) until
-    ``limit_chars`` characters are read."""
-    lines, total = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or cjk_fraction(line) < min_cjk:
-                continue
-            lines.append(line)
-            total += len(line)
-            if total >= limit_chars:
-                break
-    return lines
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that passes a KV cache to ``model``'s forward (transformers 5.24 renamed
+    ``past_key_values`` to ``cache``). The one place the recipe looks at the name."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def to_blocks(
-    lines: Iterable[str], encode: Callable[[str], list[int]], eos_id: int, block_size: int
+    lines: Sequence[str], encode: Callable[[str], list[int]], sep_id: int, block_size: int
 ) -> torch.Tensor:
-    """Encode lines, append EOS to each (the v2 recipe), concatenate, cut into blocks.
+    """Encode lines, put ``sep_id`` before each (a document boundary), concatenate, cut.
 
     Returns (N, block_size) int64; the ragged tail is dropped.
     """
     stream: list[int] = []
     for line in lines:
+        stream.append(sep_id)
         stream.extend(encode(line))
-        stream.append(eos_id)
     n = len(stream) // block_size
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
+def cut_texts(lines: Sequence[str], total_chars: int, max_chars: int = 400) -> list[str]:
+    """The first lines (each cut to ``max_chars``) until ``total_chars`` characters."""
+    out, n = [], 0
+    for line in lines:
+        if n >= total_chars:
+            break
+        out.append(line[:max_chars])
+        n += len(out[-1])
+    return out
+
+
+@torch.no_grad()
+def bits_per_char(
+    model: torch.nn.Module,
+    encode: Callable[[str], list[int]],
+    texts: Sequence[str],
+    sep_id: int,
+    *,
+    max_batch_tokens: int = 2048,
+) -> float:
+    """Bits per character of ``texts``: the summed NLL of every token of each text (given a
+    ``sep_id`` document boundary before it), in bits, over the number of characters.
+
+    Tokenizer-independent: two tokenizers scored on the same texts divide by the same count.
+    """
+    model.eval()
+    seqs = sorted(([sep_id, *encode(t)] for t in texts), key=len)
+    total, i = 0.0, 0
+    while i < len(seqs):
+        j = i + 1
+        while j < len(seqs) and (j + 1 - i) * len(seqs[j]) <= max_batch_tokens:
+            j += 1
+        batch = seqs[i:j]
+        width = len(batch[-1])
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, s in enumerate(batch):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, S-1, V)
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum"
+        ).item()
+        i = j
+    return total / math.log(2) / sum(len(t) for t in texts)
+
+
+@dataclass
+class FitResult:
+    losses: list[float]
+    cpu_at_step: list[float]  # CPU seconds of training when each step ended
+    evals: list[tuple[float, float]]  # (training CPU seconds, value of evaluate())
+    wall_s: float
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+
 def fit(
     model: torch.nn.Module,
-    blocks: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    next_batch: Callable[[int], dict[str, torch.Tensor]],
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     *,
-    steps: int,
-    batch_size: int,
     optimizer: torch.optim.Optimizer,
+    budget_cpu_s: float,
+    max_steps: int,
     desc: str,
-    seed: int = 0,
-    warmup: int = 1,
-) -> list[float]:
-    """The training loop of the recipe: random batches of (N, S) ``blocks``, ``loss_fn(batch)``,
-    linear warm-up then cosine decay (floor 5%), gradients clipped at 1; returns the losses."""
-    gen = torch.Generator().manual_seed(seed)
+    warmup: int = 2,
+    evaluate: Callable[[], float] | None = None,
+    eval_at: Sequence[float] = (),
+) -> FitResult:
+    """The recipe's training loop, run until ``budget_cpu_s`` seconds of process CPU time (the
+    compute this process received, robust to other jobs on a shared machine) or ``max_steps``.
+
+    The learning rate warms up linearly for ``warmup`` steps, then follows a cosine over the
+    fraction of the budget used (floor 5%); gradients are clipped at 1. ``evaluate()`` runs at
+    the fractions ``eval_at`` of the budget (its own time is not counted).
+    """
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    losses: list[float] = []
+    res = FitResult([], [], [], 0.0)
+    pending = sorted(eval_at)
+    spent, wall = 0.0, time.perf_counter()
+
+    def maybe_eval(force: bool = False) -> None:
+        while evaluate is not None and pending and (force or spent >= pending[0] * budget_cpu_s):
+            pending.pop(0)
+            res.evals.append((round(spent, 1), evaluate()))
+            model.train()
+
     model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0)
-    for step in bar:
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    maybe_eval()
+    bar = tqdm(total=max_steps, desc=desc, leave=False, mininterval=1.0)
+    step = 0
+    while step < max_steps and spent < budget_cpu_s:
+        tick = time.process_time()
+        progress = max(spent / budget_cpu_s, step / max_steps)
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * max(scale, 0.05)
-        batch = blocks[torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)]  # (B, S)
-        loss = loss_fn(batch)
+        loss = loss_fn(next_batch(step))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        res.losses.append(loss.item())
+        spent += time.process_time() - tick
+        res.cpu_at_step.append(round(spent, 1))
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{res.losses[-1]:.3f}", cpu_s=f"{spent:.0f}/{budget_cpu_s:.0f}")
+        maybe_eval()
+    bar.close()
+    maybe_eval(force=True)  # whatever was not reached (max_steps hit first)
     model.eval()
-    return losses
+    res.wall_s = round(time.perf_counter() - wall, 1)
+    return res
 
 
-def train_lm(model: torch.nn.Module, blocks: torch.Tensor, **options: Any) -> list[float]:
-    """Causal-LM training of ``model`` on (N, S) ``blocks`` (options as :func:`fit`)."""
-    options.setdefault("warmup", 10)
-    return fit(model, blocks, lambda batch: model(input_ids=batch, labels=batch).loss, **options)
+def block_sampler(blocks: torch.Tensor, batch_size: int, seed: int) -> Callable[[int], dict]:
+    """Random batches of causal-LM blocks ``(N, S)``: ``{"input_ids", "labels"}``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(_step: int) -> dict[str, torch.Tensor]:
+        batch = blocks[torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)]
+        return {"input_ids": batch, "labels": batch}
+
+    return next_batch
 
 
-def distill(
-    student: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tensor, **options: Any
-) -> list[float]:
-    """Train ``student`` towards ``teacher``'s next-token distributions (KL(teacher || student)
-    per token) on (N, S) ``blocks``, as draft models are made (options as :func:`fit`)."""
-    teacher.eval()
-
-    def kl(batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = torch.log_softmax(teacher(input_ids=batch).logits.float(), dim=-1)
-        logq = torch.log_softmax(student(input_ids=batch).logits.float(), dim=-1)
-        loss = torch.nn.functional.kl_div(logq, target, log_target=True, reduction="batchmean")
-        return loss / batch.shape[1]  # batchmean divides by B only: make it per token
-
-    return fit(student, blocks, kl, **options)
+def lm_loss(model: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
+    return lambda batch: model(**batch).loss
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """Token-level perplexity of ``model`` on (N, S) blocks."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, blocks.shape[0], batch_size):
-        batch = blocks[i : i + batch_size]
-        n_tokens = batch.shape[0] * (batch.shape[1] - 1)
-        total += model(input_ids=batch, labels=batch).loss.item() * n_tokens
-        count += n_tokens
-    return math.exp(total / max(count, 1))
+def chat(
+    model: Any,
+    tokenizer: Any,
+    template: Any,
+    question: str,
+    max_new_tokens: int,
+    *,
+    until_eos: bool = True,
+) -> tuple[str, float, int]:
+    """Greedy answer to one user message: ``(text, seconds, new tokens)``.
+
+    ``until_eos=False`` generates exactly ``max_new_tokens`` (for speed measurements).
+    """
+    prompt = template.render([{"role": "user", "content": question}])
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    stop = template.stop_token_ids(tokenizer)
+    start = time.perf_counter()
+    out = model.generate(
+        enc.input_ids,
+        attention_mask=enc.attention_mask,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0 if until_eos else max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop,
+        pad_token_id=stop[0],
+    )
+    seconds = time.perf_counter() - start
+    new = out[0, enc.input_ids.shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), seconds, new.numel()
 
 
-def smooth(values: Sequence[float], window: int = 10) -> list[float]:
+def smooth(values: Sequence[float], window: int = 5) -> list[float]:
     """Running mean, for loss curves."""
     out, acc = [], 0.0
     for i, v in enumerate(values):
@@ -188,8 +275,9 @@ def plot(
     ylabel: str,
     title: str,
     logy: bool = False,
+    bars: bool = False,
 ) -> Path | None:
-    """Save a line plot as PNG; returns None (and says so) without matplotlib."""
+    """Save a line (or bar) plot as PNG; returns None (and says so) without matplotlib."""
     try:
         import matplotlib
 
@@ -198,16 +286,22 @@ def plot(
     except ImportError:
         print(f"(matplotlib not installed: skipped {path.name})")
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, label=label)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    if bars:
+        (labels, values), = series.values()
+        ax.bar(range(len(values)), values)
+        ax.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=8)
+        ax.axhline(1.0, color="grey", lw=0.8)
+    else:
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, label=label)
+        ax.legend()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
