@@ -356,6 +356,12 @@ def _build(loaded: BaseTokenizer, learned: list[tuple[int, int]]) -> BPEExtensio
     vocab, merges = model["vocab"], model["merges"]
     base_merges = len(merges)
     string_merges = bool(merges) and isinstance(merges[0], str)
+    # tokenizers renumbers, on loading, added tokens the model vocabulary lacks (Llama-3's
+    # specials sit after its 128,000 model ids) from the model's size on: once new tokens
+    # follow them, they would move. Listed in the vocabulary too, they keep their ids; the
+    # model never reaches them by merges, and the added vocabulary matches them first.
+    for added in data.get("added_tokens", []):
+        vocab.setdefault(added["content"], added["id"])
     size = _full_size(loaded)
     strings = {i: loaded.tokenizer.id_to_token(i) for i in range(size)}
     new_tokens, pairs = [], []
