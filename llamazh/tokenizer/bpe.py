@@ -61,6 +61,27 @@ class BPEExtension:
         """Each new token decoded as UTF-8 (partial characters shown as U+FFFD)."""
         return [(token_bytes(t) or b"").decode("utf-8", "replace") for t in self.new_tokens]
 
+    def reachability(self) -> tuple[float, list[str]]:
+        """How many new tokens that decode to whole characters encode, alone, to themselves.
+
+        Returns:
+            ``(fraction, unreachable)``: the share over the new tokens that are valid UTF-8
+            (partial-character tokens only occur inside longer text), and the texts of those
+            that encode to something else (BPE can split a token's own text differently
+            when an earlier merge crosses its halves).
+        """
+        whole, missed = 0, []
+        for k, token in enumerate(self.new_tokens):
+            try:
+                text = (token_bytes(token) or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            whole += 1
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            if ids != [self.base_vocab_size + k]:
+                missed.append(text)
+        return (1 - len(missed) / whole if whole else 1.0), missed
+
     def __str__(self) -> str:
         return (
             f"extended BPE: {self.base_vocab_size} base + {len(self.new_tokens)} new tokens = "

@@ -131,6 +131,7 @@ def reachable_fraction(ext: BPEExtension) -> tuple[float, list[str]]:
 def test_new_tokens_are_reachable(bpe_extensions, family):
     fraction, missed = reachable_fraction(bpe_extensions[family])
     assert fraction >= 0.97, (fraction, missed[:20])
+    assert bpe_extensions[family].reachability() == (fraction, missed)
 
 
 def test_ignore_merges_emits_a_new_pre_token_whole(bpe_extensions):
