@@ -35,7 +35,7 @@ class TokenizerView:
 
 
 def as_view(value: Any, name: str) -> TokenizerView:
-    """Wrap a path / bytes / ``ModelProto`` / ``MergeResult`` / HF tokenizer.
+    """Wrap a path / bytes / ``ModelProto`` / ``MergeResult`` / HF tokenizer / ``BPEExtension``.
 
     Raises:
         TypeError: ``value`` is none of those.
@@ -55,13 +55,15 @@ def as_view(value: Any, name: str) -> TokenizerView:
         proto = ModelProto()
         proto.ParseFromString(value.serialized_model_proto())
         return as_view(proto, name)
+    if hasattr(value, "new_tokens") and hasattr(value, "tokenizer"):  # a BPEExtension
+        value = value.tokenizer
     backend = getattr(value, "backend_tokenizer", None)
     if backend is None and type(value).__module__.startswith("tokenizers"):
         backend = value
     if backend is None:
         raise TypeError(
-            f"{name} must be a SentencePiece model (path, bytes, ModelProto, MergeResult) or a "
-            f"Hugging Face fast tokenizer, got {type(value).__name__}"
+            f"{name} must be a SentencePiece model (path, bytes, ModelProto, MergeResult), a "
+            f"Hugging Face fast tokenizer or a BPEExtension, got {type(value).__name__}"
         )
     size = backend.get_vocab_size(with_added_tokens=True)
     pieces = tuple(backend.id_to_token(i) or "" for i in range(size))
