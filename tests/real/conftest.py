@@ -24,6 +24,18 @@ requires_smollm2 = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """On a shared 2-core machine two OpenMP threads spin against each other: SmolLM2's greedy
+    decoding measured 10x slower with 2 threads than with 1 under load; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct, fp32, eval mode. Do not modify the model:
