@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     if stream.numel() < lengths[-1] * args.windows:
         raise SystemExit(f"the {args.text} text has only {stream.numel()} tokens")
     f = args.factor
-    strategies = {
+    strategies = {  # in this order so that a run cut short has the most telling rows
         "none": NoScaling(),
-        f"NTK (alpha {f:g})": NTKScaling(alpha=f),
-        f"dynamic NTK (x{f:g})": DynamicNTKScaling(factor=f, original_max_position=original),
         f"YaRN (x{f:g})": YaRNScaling(factor=f, original_max_position=original),
+        f"dynamic NTK (x{f:g})": DynamicNTKScaling(factor=f, original_max_position=original),
+        f"NTK (alpha {f:g})": NTKScaling(alpha=f),
     }
     print(
         f"{model.config.num_hidden_layers} layers, trained at {original} positions; "

@@ -28,7 +28,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning
@@ -46,7 +46,7 @@ from recipe_deploy import plot_all, step_long_context, step_merge, step_speculat
 from recipe_lib import Run, table
 
 import llamazh
-from llamazh.tokenizer.heldout import chinese_held_out_split
+from llamazh.tokenizer import chinese_held_out_split
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 EN_HELD_LINES = 400  # the first lines of en_d2l are held out; replay comes from the rest
@@ -92,15 +92,15 @@ class Sizes:
 
 
 FULL = Sizes(
-    eval_chars=6000, curve_chars=1500, answer_tokens=40, speed_tokens=48,
+    eval_chars=3000, curve_chars=800, answer_tokens=40, speed_tokens=48,
     vocab_line_stride=1, new_tokens=20000, efficiency_lines=2000,
-    cpt_lines=6000, block=256, batch=4, cpt_cpu_s=660, cpt_max_steps=10_000,
+    cpt_lines=6000, block=256, batch=4, cpt_cpu_s=480, cpt_max_steps=10_000,
     lora_rank=16, lora_lr=1e-3, rows_lr=2e-3,
-    sft_len=192, sft_records=1200, sft_held=40, sft_lr=1e-3, sft_cpu_s=420, sft_max_steps=10_000,
-    long_original=512, long_windows=2,
-    draft_layers=4, draft_lines=2000, draft_block=128, draft_lr=1e-3, draft_cpu_s=200,
+    sft_len=192, sft_records=1200, sft_held=40, sft_lr=1e-3, sft_cpu_s=240, sft_max_steps=10_000,
+    long_original=512, long_windows=1,
+    draft_layers=4, draft_lines=2000, draft_block=128, draft_lr=1e-3, draft_cpu_s=120,
     draft_max_steps=10_000,
-    spec_prompts=3, spec_prompt_chars=90, spec_new_tokens=96, spec_rounds=3,
+    spec_prompts=2, spec_prompt_chars=90, spec_new_tokens=96, spec_rounds=3,
 )  # fmt: skip
 QUICK = Sizes(
     eval_chars=400, curve_chars=150, answer_tokens=8, speed_tokens=8,
@@ -121,10 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny budgets (a few minutes)")
     parser.add_argument("--fresh", action="store_true", help="delete the run directory first")
     parser.add_argument(
+        "--budget-scale",
+        type=float,
+        default=1.0,
+        help="multiply the training budgets (CPU seconds) of the full run, e.g. 0.5 on a busy "
+        "machine; the defaults take about 20 minutes on 2 idle cores",
+    )
+    parser.add_argument(
         "--tokenizer", type=Path, help="an extended tokenizer directory to use instead of step 2's"
     )
     args = parser.parse_args(argv)
+    if args.budget_scale <= 0:
+        parser.error(f"--budget-scale must be > 0, got {args.budget_scale}")
     sizes = QUICK if args.quick else FULL
+    if not args.quick and args.budget_scale != 1.0:
+        k = args.budget_scale
+        sizes = replace(sizes, cpt_cpu_s=sizes.cpt_cpu_s * k, sft_cpu_s=sizes.sft_cpu_s * k,
+                        draft_cpu_s=sizes.draft_cpu_s * k)  # fmt: skip
     root = Path(args.run_dir)
     if args.fresh and root.exists():
         shutil.rmtree(root)

