@@ -66,8 +66,8 @@ class Sizes:
     cpt_lines: int
     block: int
     batch: int
-    cpt_cpu_s: float
-    cpt_max_steps: int
+    cpt_cpu_s: float | None
+    cpt_max_steps: int | None
     lora_rank: int
     lora_lr: float
     rows_lr: float
@@ -75,16 +75,16 @@ class Sizes:
     sft_records: int
     sft_held: int
     sft_lr: float
-    sft_cpu_s: float
-    sft_max_steps: int
+    sft_cpu_s: float | None
+    sft_max_steps: int | None
     long_original: int
     long_windows: int
     draft_layers: int
     draft_lines: int
     draft_block: int
     draft_lr: float
-    draft_cpu_s: float
-    draft_max_steps: int
+    draft_cpu_s: float | None
+    draft_max_steps: int | None
     spec_prompts: int
     spec_prompt_chars: int
     spec_new_tokens: int
@@ -94,22 +94,22 @@ class Sizes:
 FULL = Sizes(
     eval_chars=3000, curve_chars=800, answer_tokens=40, speed_tokens=48,
     vocab_line_stride=1, new_tokens=20000, efficiency_lines=2000,
-    cpt_lines=6000, block=256, batch=4, cpt_cpu_s=480, cpt_max_steps=10_000,
+    cpt_lines=6000, block=256, batch=4, cpt_cpu_s=480, cpt_max_steps=None,
     lora_rank=16, lora_lr=1e-3, rows_lr=2e-3,
-    sft_len=192, sft_records=1200, sft_held=40, sft_lr=1e-3, sft_cpu_s=240, sft_max_steps=10_000,
+    sft_len=192, sft_records=1200, sft_held=40, sft_lr=1e-3, sft_cpu_s=240, sft_max_steps=None,
     long_original=512, long_windows=1,
     draft_layers=4, draft_lines=2000, draft_block=128, draft_lr=1e-3, draft_cpu_s=120,
-    draft_max_steps=10_000,
+    draft_max_steps=None,
     spec_prompts=2, spec_prompt_chars=90, spec_new_tokens=96, spec_rounds=3,
 )  # fmt: skip
 QUICK = Sizes(
     eval_chars=400, curve_chars=150, answer_tokens=8, speed_tokens=8,
     vocab_line_stride=20, new_tokens=1000, efficiency_lines=50,
-    cpt_lines=200, block=64, batch=2, cpt_cpu_s=1e9, cpt_max_steps=2,
+    cpt_lines=200, block=64, batch=2, cpt_cpu_s=None, cpt_max_steps=2,
     lora_rank=4, lora_lr=1e-3, rows_lr=2e-3,
-    sft_len=160, sft_records=40, sft_held=6, sft_lr=1e-3, sft_cpu_s=1e9, sft_max_steps=2,
+    sft_len=160, sft_records=40, sft_held=6, sft_lr=1e-3, sft_cpu_s=None, sft_max_steps=2,
     long_original=32, long_windows=1,
-    draft_layers=1, draft_lines=100, draft_block=32, draft_lr=1e-3, draft_cpu_s=1e9,
+    draft_layers=1, draft_lines=100, draft_block=32, draft_lr=1e-3, draft_cpu_s=None,
     draft_max_steps=2,
     spec_prompts=1, spec_prompt_chars=20, spec_new_tokens=12, spec_rounds=1,
 )  # fmt: skip

@@ -283,7 +283,8 @@ def step_continue_pretraining(c: Context) -> dict:
         print(table(rows, list(rows[0])))
         wins = ext["bpc_zh"] < control["bpc_zh"]
         print(
-            f"  at {s.cpt_cpu_s:.0f} CPU s each, the extended vocabulary "
+            f"  at {ext['train_cpu_s']:.0f} / {control['train_cpu_s']:.0f} training CPU s, the "
+            "extended vocabulary "
             f"{'wins' if wins else 'does NOT win'} on held-out Chinese: {ext['bpc_zh']:.3f} vs "
             f"{control['bpc_zh']:.3f} bits/char (English {ext['bpc_en']:.3f} vs "
             f"{control['bpc_en']:.3f})"

@@ -154,20 +154,25 @@ def fit(
     loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     *,
     optimizer: torch.optim.Optimizer,
-    budget_cpu_s: float,
-    max_steps: int,
+    budget_cpu_s: float | None,
+    max_steps: int | None,
     desc: str,
     warmup: int = 2,
     evaluate: Callable[[], float] | None = None,
     eval_at: Sequence[float] = (),
 ) -> FitResult:
     """The recipe's training loop, run until ``budget_cpu_s`` seconds of process CPU time (the
-    compute this process received, robust to other jobs on a shared machine) or ``max_steps``.
+    compute this process received, robust to other jobs on a shared machine) or ``max_steps``
+    (``None``: no such limit; at least one of the two is needed).
 
     The learning rate warms up linearly for ``warmup`` steps, then follows a cosine over the
     fraction of the budget used (floor 5%); gradients are clipped at 1. ``evaluate()`` runs at
     the fractions ``eval_at`` of the budget (its own time is not counted).
     """
+    if budget_cpu_s is None and max_steps is None:
+        raise ValueError("fit needs budget_cpu_s or max_steps (both are None)")
+    budget = math.inf if budget_cpu_s is None else budget_cpu_s
+    steps_cap = math.inf if max_steps is None else max_steps
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     res = FitResult([], [], [], 0.0)
@@ -175,7 +180,7 @@ def fit(
     spent, wall = 0.0, time.perf_counter()
 
     def maybe_eval(force: bool = False) -> None:
-        progress = max(spent / budget_cpu_s, step / max_steps)
+        progress = max(spent / budget, step / steps_cap)
         due = [f for f in pending if force or progress >= f]
         if evaluate is not None and due:  # several fractions reached at once: one evaluation
             del pending[: len(due)]
@@ -185,10 +190,12 @@ def fit(
     step = 0
     model.train()
     maybe_eval()
-    bar = tqdm(total=max_steps, desc=desc, leave=False, mininterval=1.0)
-    while step < max_steps and spent < budget_cpu_s:
+    by_steps = max_steps is not None and budget_cpu_s is None
+    bar = tqdm(total=max_steps if by_steps else round(budget), desc=desc, leave=False,
+               unit="step" if by_steps else "cpu s", mininterval=1.0)  # fmt: skip
+    while step < steps_cap and spent < budget:
         tick = time.process_time()
-        progress = max(spent / budget_cpu_s, step / max_steps)
+        progress = max(spent / budget, step / steps_cap)
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * max(scale, 0.05)
@@ -198,11 +205,12 @@ def fit(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         res.losses.append(loss.item())
-        spent += time.process_time() - tick
+        took = time.process_time() - tick
+        spent += took
         res.cpu_at_step.append(round(spent, 1))
         step += 1
-        bar.update()
-        bar.set_postfix(loss=f"{res.losses[-1]:.3f}", cpu_s=f"{spent:.0f}/{budget_cpu_s:.0f}")
+        bar.update(1 if by_steps else min(took, max(bar.total - bar.n, 0)))
+        bar.set_postfix(loss=f"{res.losses[-1]:.3f}", step=step)
         maybe_eval()
     bar.close()
     maybe_eval(force=True)  # whatever was not reached (max_steps hit first)
