@@ -98,9 +98,9 @@ FULL = Sizes(
     lora_rank=16, lora_lr=1e-3, rows_lr=2e-3,
     sft_len=192, sft_records=1200, sft_held=40, sft_lr=1e-3, sft_cpu_s=240, sft_max_steps=None,
     long_original=512, long_windows=1,
-    draft_layers=4, draft_lines=2000, draft_block=128, draft_lr=1e-3, draft_cpu_s=120,
+    draft_layers=4, draft_lines=2000, draft_block=128, draft_lr=1e-3, draft_cpu_s=240,
     draft_max_steps=None,
-    spec_prompts=2, spec_prompt_chars=90, spec_new_tokens=96, spec_rounds=3,
+    spec_prompts=3, spec_prompt_chars=150, spec_new_tokens=96, spec_rounds=3,
 )  # fmt: skip
 QUICK = Sizes(
     eval_chars=400, curve_chars=150, answer_tokens=8, speed_tokens=8,

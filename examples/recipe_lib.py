@@ -191,8 +191,14 @@ def fit(
     model.train()
     maybe_eval()
     by_steps = max_steps is not None and budget_cpu_s is None
-    bar = tqdm(total=max_steps if by_steps else round(budget), desc=desc, leave=False,
-               unit="step" if by_steps else "cpu s", mininterval=1.0)  # fmt: skip
+    bar = tqdm(
+        total=max_steps if by_steps else round(budget),
+        desc=desc,
+        leave=False,
+        unit="step" if by_steps else "cpu s",
+        mininterval=1.0,
+        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]",
+    )
     while step < steps_cap and spent < budget:
         tick = time.process_time()
         progress = max(spent / budget, step / steps_cap)
