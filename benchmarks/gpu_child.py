@@ -57,7 +57,7 @@ class Ctx:
             case=case,
             provider=provider,
             metric=metric,
-            value=round(value, 4) if math.isfinite(value) else value,
+            value=float(f"{value:.5g}") if math.isfinite(value) else value,
             unit=unit,
             note=note,
             **params,
@@ -139,6 +139,8 @@ def run(args, steps, soft_deadline) -> int:
     import gpu_parts
 
     funcs = {**gpu_parts.PARTS, "model": gpu_model_step.part_model}
+    with open(events, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"event": "meta", "meta": gpu_parts.versions(cuda)}) + "\n")
     for part, _ in steps:
         if part.name not in names:
             continue

@@ -38,22 +38,21 @@ def _version(name: str) -> str:
         return "absent"
 
 
-def part_env(ctx: Ctx) -> None:
+def versions(cuda: bool) -> dict:
+    """Device and versions: the first columns of every row, the first lines of the log."""
     import torch
 
     meta = dict(
-        python=platform.python_version(),
+        device="cpu",
         torch=torch.__version__,
-        cuda_runtime=str(torch.version.cuda),
         triton=_version("triton"),
         transformers=_version("transformers"),
+        python=platform.python_version(),
+        cuda_runtime=str(torch.version.cuda),
         peft=_version("peft"),
         flash_attn=_version("flash-attn"),
-        device="cpu",
-        sms=0,
-        gpu_mem_gib=0.0,
     )
-    if ctx.cuda:
+    if cuda:
         props = torch.cuda.get_device_properties(0)
         meta.update(
             device=props.name,
@@ -68,8 +67,13 @@ def part_env(ctx: Ctx) -> None:
     meta["flex_attention"] = (
         importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
     )
-    ctx.emit(event="meta", meta=meta)
-    for key, value in meta.items():
+    return meta
+
+
+def part_env(ctx: Ctx) -> None:
+    import torch
+
+    for key, value in versions(ctx.cuda).items():
         print(f"  {key:>15}: {value}")
     smi = _nvidia_smi()
     if smi:
