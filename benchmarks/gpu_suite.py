@@ -75,6 +75,7 @@ PARTS = (
 )
 RESERVE_S = 15.0  # startup before the clock, writing outputs, the child's exit
 GRACE_S = 15.0  # a part this long past its slice is killed
+OVERRUN_S = 60.0  # late parts still get half a slice, up to this far past the plan's end
 DEFAULT_BUDGET_S = 420.0
 
 
@@ -88,12 +89,14 @@ def plan(budget_s: float, only: list[str] | None) -> list[tuple[Part, float]]:
 
 def soft_deadline(steps: list[tuple[Part, float]], name: str, start: float, now: float) -> float:
     """When part ``name`` must stop at a case boundary: where the plan ends it (time left over
-    by earlier parts rolls forward), but never less than half its slice from ``now``."""
+    by earlier parts rolls forward), but never less than half its slice from ``now``, and
+    never more than ``OVERRUN_S`` past the planned end of the whole run."""
     end = start
     for part, seconds in steps:
         end += seconds
         if part.name == name:
-            return max(end, now + 0.5 * seconds)
+            last = start + sum(s for _, s in steps) + OVERRUN_S
+            return min(max(end, now + 0.5 * seconds), last)
     raise KeyError(name)
 
 
@@ -184,7 +187,7 @@ def run_children(args, steps, start: float, report: gpu_report.Report) -> None:
         seen, current, hard, groups = 0, None, None, []
         while True:
             code = proc.poll()
-            lines = events.read_text().splitlines()
+            lines = events.read_text().split("\n")[:-1]  # complete lines only
             for line in lines[seen:]:
                 ev = json.loads(line)
                 if ev["event"] == "start":
