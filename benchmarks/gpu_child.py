@@ -112,6 +112,19 @@ def load_bench(name: str):
     return module
 
 
+# test hook: "hang:PART" or "crash:PART" (comma-separated) makes that part hang or die, to
+# check that the parent kills, reports and goes on (tests/test_gpu_suite.py)
+FAULT_ENV = "LLAMAZH_GPU_SUITE_FAULT"
+
+
+def _fault(part: str) -> None:
+    faults = os.environ.get(FAULT_ENV, "").split(",")
+    if f"hang:{part}" in faults:
+        time.sleep(3600)
+    if f"crash:{part}" in faults:
+        os._exit(139)
+
+
 def _device_ok() -> bool:
     import torch
 
@@ -153,6 +166,7 @@ def run(args, steps, soft_deadline) -> int:
             f"budget, {soft - now:.0f} s from now) =====",
             flush=True,
         )
+        _fault(part.name)
         try:
             if part.needs_cuda and not cuda and not args.smoke:
                 raise Skip("needs a CUDA GPU, none on this machine (dry run)")

@@ -150,6 +150,7 @@ def _pytest(ctx: Ctx, selection: list[str]) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        errors="replace",
         start_new_session=True,
     )
     ctx.emit(event="group", pgid=proc.pid)

@@ -141,8 +141,12 @@ def _kill_group(pgid: int) -> None:
 
 
 def _pump(stream, out) -> None:
+    """Copy the child's output to ours (and the log) until it closes, whatever happens."""
     for line in stream:
-        out.write(line)
+        try:
+            out.write(line)
+        except Exception:  # keep draining: a child blocked on a full pipe would hang
+            continue
     out.flush()
 
 
@@ -178,6 +182,7 @@ def run_children(args, steps, start: float, report: gpu_report.Report) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            errors="replace",  # a stray byte must not stop the pump (the child would block)
             env=env,
             cwd=ROOT,
             start_new_session=True,
@@ -192,7 +197,7 @@ def run_children(args, steps, start: float, report: gpu_report.Report) -> None:
                 ev = json.loads(line)
                 if ev["event"] == "start":
                     current = ev["part"]
-                    hard = ev["soft_deadline"] + GRACE_S
+                    hard = ev["soft_deadline"] + args.grace_s
                 elif ev["event"] == "group":
                     groups.append(ev["pgid"])
                 elif ev["event"] == "end":
@@ -206,7 +211,7 @@ def run_children(args, steps, start: float, report: gpu_report.Report) -> None:
                 break
             if current is not None and time.time() > hard:
                 print(
-                    f"\n!!! {current}: still running {GRACE_S:.0f} s past its slice: killed",
+                    f"\n!!! {current}: still running {args.grace_s:.0f} s past its slice: killed",
                     flush=True,
                 )
                 for pgid in [proc.pid, *groups]:
@@ -250,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU interpreter")
     parser.add_argument("--dry-run", action="store_true", help="plan only, even with CUDA")
+    parser.add_argument("--grace-s", type=float, default=GRACE_S, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--events", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--start", type=float, help=argparse.SUPPRESS)

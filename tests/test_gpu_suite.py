@@ -172,3 +172,14 @@ def test_smoke_run_measures_on_the_cpu(tmp_path):
     assert decode and all(float(r["value"]) > 0 for r in decode)
     rule = [r for r in rows if r["metric"] == "loss rule"]
     assert [float(r["value"]) for r in rule] == [1.0], rule
+
+
+@pytest.mark.slow
+def test_a_hung_part_is_killed_a_crashed_one_reported_and_the_rest_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMAZH_GPU_SUITE_FAULT", "hang:env,crash:rope")
+    done = _run(tmp_path, "--only", "env", "rope", "model", "--budget-s", "40", "--grace-s", "1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (tmp_path / "table.md").read_text()
+    assert "| env | 4 |" in table and "killed: past its slice + grace |" in table
+    assert "| rope | 7 |" in table and "crashed (exit 139) |" in table
+    assert "| model | 13 | 0 | skipped: needs a CUDA GPU" in table  # a third child ran it
