@@ -125,6 +125,9 @@ def _nvidia_smi() -> str:
 # ---- tests ------------------------------------------------------------------------------------
 
 SUMMARY = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)")
+# `-v` prints one line per finished test ("[gw3] [ 12%] PASSED tests/...::test_x[...]" under
+# xdist), so a run killed at its slice can still be counted
+OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 
 
 def _pytest(ctx: Ctx, selection: list[str]) -> None:
@@ -135,7 +138,10 @@ def _pytest(ctx: Ctx, selection: list[str]) -> None:
     if not xdist:
         ctx.note("pytest-xdist absent: tests run in one process (slower compiles)")
     # a module that fails to import must not stop the others from running
-    flags = ["-q", "-p", "no:cacheprovider", "-rfE", "--continue-on-collection-errors"]
+    flags = ["-v", "-p", "no:cacheprovider", "-rfE", "--continue-on-collection-errors"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        # one hung test (a kernel that never returns) ends its worker, not the whole slice
+        flags += ["--timeout", "90", "--timeout-method", "thread"]
     argv = [sys.executable, "-m", "pytest", *flags, *xdist, *selection]
     env = {
         **os.environ,
@@ -180,11 +186,7 @@ def _pytest(ctx: Ctx, selection: list[str]) -> None:
             except subprocess.TimeoutExpired:
                 continue
     reader.join(timeout=5)
-    counts: dict[str, int] = {}
-    summary = next((ln for ln in reversed(lines) if SUMMARY.search(ln) and " in " in ln), "")
-    for number, kind in SUMMARY.findall(summary):
-        counts[kind.rstrip("s") if kind.startswith("error") else kind] = int(number)
-    failures = [ln.strip() for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    counts, failures = _outcomes(lines)
     case = " ".join(selection)
     for kind in ("passed", "failed", "error", "skipped"):
         ctx.add(case, "pytest", kind, counts.get(kind, 0), "tests")
@@ -197,6 +199,26 @@ def _pytest(ctx: Ctx, selection: list[str]) -> None:
             f"{counts.get('failed', 0)} failed, {counts.get('error', 0)} errors "
             f"(pytest exit {proc.returncode})"
         )
+
+
+def _outcomes(lines: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Counts per outcome (pytest's summary line, else the per-test lines of a killed run)
+    and the failing tests."""
+    counts: dict[str, int] = {}
+    summary = next((ln for ln in reversed(lines) if SUMMARY.search(ln) and " in " in ln), "")
+    for number, kind in SUMMARY.findall(summary):
+        counts[kind.rstrip("s") if kind.startswith("error") else kind] = int(number)
+    per_test = [m.group(1) for ln in lines if "::" in ln for m in [OUTCOME.search(ln)] if m]
+    if not summary:
+        for outcome in per_test:
+            key = {"ERROR": "error"}.get(outcome, outcome.lower())
+            counts[key] = counts.get(key, 0) + 1
+    failures = [ln.strip() for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    if not failures:  # killed before the short summary: take the per-test lines
+        failures = [
+            ln.strip() for ln in lines if "::" in ln and re.search(r"\b(FAILED|ERROR)\b", ln)
+        ]
+    return counts, failures
 
 
 def part_tests_gpu(ctx: Ctx) -> None:

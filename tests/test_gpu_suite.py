@@ -183,3 +183,39 @@ def test_a_hung_part_is_killed_a_crashed_one_reported_and_the_rest_runs(tmp_path
     assert "| env | 4 |" in table and "killed: past its slice + grace |" in table
     assert "| rope | 7 |" in table and "crashed (exit 139) |" in table
     assert "| model | 13 | 0 | skipped: needs a CUDA GPU" in table  # a third child ran it
+
+
+def test_pytest_part_runs_and_counts(tmp_path):
+    import json
+    import time
+
+    import gpu_child
+    import gpu_parts
+
+    events = tmp_path / "events.jsonl"
+    ctx = gpu_child.Ctx(events, "tests_gpu", time.time() + 120, cuda=False, smoke=False)
+    gpu_parts._pytest(ctx, ["tests/kernels/test_tune_cap.py"])
+    rows = [e["row"] for e in map(json.loads, events.read_text().splitlines()) if "row" in e]
+    assert {r["metric"]: r["value"] for r in rows} == {
+        "passed": 6.0, "failed": 0.0, "error": 0.0, "skipped": 0.0
+    }  # fmt: skip
+    assert ctx.status == "ok"
+
+
+def test_a_killed_pytest_run_is_counted_from_its_per_test_lines():
+    import gpu_parts
+
+    lines = [
+        "[gw0] [ 10%] PASSED tests/kernels/test_a.py::test_x[1]\n",
+        "[gw1] [ 20%] FAILED tests/kernels/test_a.py::test_y\n",
+        "[gw1] [ 30%] SKIPPED tests/rope/test_kernel.py::test_z\n",
+        "[gw0] [ 40%] PASSED tests/kernels/test_a.py::test_x[2]\n",
+    ]
+    counts, failures = gpu_parts._outcomes(lines)
+    assert counts == {"passed": 2, "failed": 1, "skipped": 1}
+    assert failures == ["[gw1] [ 20%] FAILED tests/kernels/test_a.py::test_y"]
+    done = [*lines, "FAILED tests/kernels/test_a.py::test_y - AssertionError\n",
+            "==== 1 failed, 2 passed, 1 skipped in 3.2s ====\n"]  # fmt: skip
+    counts, failures = gpu_parts._outcomes(done)
+    assert counts == {"failed": 1, "passed": 2, "skipped": 1}
+    assert failures == ["FAILED tests/kernels/test_a.py::test_y - AssertionError"]
