@@ -154,6 +154,8 @@ def run_children(args, steps, start: float, report: gpu_report.Report) -> None:
     """Run the parts in child processes, restarting after a kill or a crash."""
     remaining = [p.name for p, _ in steps]
     events = Path(tempfile.mkdtemp(prefix="gpu_suite-")) / "events.jsonl"
+    # nothing runs past this, whatever state the child is in
+    last_call = start + sum(s for _, s in steps) + OVERRUN_S + args.grace_s
     while remaining:
         events.write_text("")
         argv = [
@@ -189,36 +191,42 @@ def run_children(args, steps, start: float, report: gpu_report.Report) -> None:
         )
         pump = threading.Thread(target=_pump, args=(proc.stdout, sys.stdout), daemon=True)
         pump.start()
-        seen, current, hard, groups = 0, None, None, []
-        while True:
-            code = proc.poll()
+        state = {"seen": 0, "current": None, "hard": None, "groups": []}
+
+        def drain(state=state, remaining=remaining) -> None:
             lines = events.read_text().split("\n")[:-1]  # complete lines only
-            for line in lines[seen:]:
+            for line in lines[state["seen"] :]:
                 ev = json.loads(line)
                 if ev["event"] == "start":
-                    current = ev["part"]
-                    hard = ev["soft_deadline"] + args.grace_s
+                    state["current"] = ev["part"]
+                    state["hard"] = ev["soft_deadline"] + args.grace_s
                 elif ev["event"] == "group":
-                    groups.append(ev["pgid"])
+                    state["groups"].append(ev["pgid"])
                 elif ev["event"] == "end":
                     remaining.remove(ev["part"])
-                    current = None
+                    state["current"] = None
                 report.handle(ev)
                 if ev["event"] == "end":
                     report.write(args.out)
-            seen = len(lines)
+            state["seen"] = len(lines)
+
+        while True:
+            code = proc.poll()
+            drain()
             if code is not None:
                 break
-            if current is not None and time.time() > hard:
-                print(
-                    f"\n!!! {current}: still running {args.grace_s:.0f} s past its slice: killed",
-                    flush=True,
-                )
-                for pgid in [proc.pid, *groups]:
+            now, current = time.time(), state["current"]
+            late = current is not None and now > state["hard"]
+            if late or now > last_call:
+                what = current or "the child, between parts,"
+                print(f"\n!!! {what}: still running past its slice + grace: killed", flush=True)
+                for pgid in [proc.pid, *state["groups"]]:
                     _kill_group(pgid)
                 proc.wait()
+                drain()  # what it wrote before it was killed
                 break
             time.sleep(0.25)
+        current = state["current"]
         pump.join(timeout=5)
         if current is not None:  # killed or crashed inside a part
             why = "killed: past its slice + grace" if code is None else f"crashed (exit {code})"
@@ -228,14 +236,14 @@ def run_children(args, steps, start: float, report: gpu_report.Report) -> None:
             report.write(args.out)
         elif code == gpu_child.EXIT_RESTART and remaining:
             print("\n=== a fresh child runs the parts left, after a device error ===", flush=True)
-        elif remaining:  # died between parts (at import, say): report the rest, do not loop
+        elif remaining:  # died or hung between parts: report the rest, do not loop
             for name in remaining:
                 report.handle(
                     {
                         "event": "end",
                         "part": name,
                         "used_s": 0.0,
-                        "status": f"not run: the child exited {code} before it",
+                        "status": f"not run: the child ended ({code}) before it",
                     }
                 )
             remaining = []
