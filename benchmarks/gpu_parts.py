@@ -144,6 +144,7 @@ def _pytest(ctx: Ctx, selection: list[str]) -> None:
         flags += ["--timeout", "90", "--timeout-method", "thread"]
     argv = [sys.executable, "-m", "pytest", *flags, *xdist, *selection]
     env = {
+        "LLAMAZH_HYPOTHESIS_PROFILE": "gpu",  # 4 examples a property: see tests/conftest.py
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -468,7 +469,6 @@ def part_flex(ctx: Ctx) -> None:
         raise Skip("smoke run: FlexAttention compiles through inductor, too slow on a CPU")
     from llamazh.attention import flash_attn_func
 
-    bench = load_bench("attention")
     flex = torch.compile(flex_attention, dynamic=False)
     s, b, left = 8192, 2, 2047
 
@@ -526,7 +526,6 @@ def part_flex(ctx: Ctx) -> None:
                 except Exception as exc:
                     ctx.failed(case, name, "TFLOP/s", "TFLOP/s", exc, mode=mode, head_dim=d)
         del q, k, v
-    del bench
 
 
 # ---- RoPE ---------------------------------------------------------------------------------
