@@ -100,6 +100,94 @@ class Ctx:
         return median_ms(fn, warmup=warmup, rep=rep, cuda=self.cuda)
 
 
+class WarmCtx(Ctx):
+    """A :class:`Ctx` that runs each case once, untimed, and keeps nothing: the warm-up
+    process runs the benchmark parts this way while the tests run, so that their kernels are
+    in Triton's (and inductor's) disk caches when the timed parts need them."""
+
+    def emit(self, **event) -> None:
+        pass
+
+    def add(self, case, provider, metric, value, unit, note="", **params) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+    def failed(self, case, provider, metric, unit, exc, **params) -> None:
+        print(f"warm-up {self.part} {case} {provider}: {type(exc).__name__}", flush=True)
+
+    def time_ms(self, fn, warmup: int = 10, rep: int = 60) -> float:
+        import torch
+
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return 1.0
+
+
+# the parts whose kernels the warm-up compiles (all of them compile on first use)
+WARM_PARTS = ("attention", "attention_masks", "decode", "flex", "rope")
+
+
+def warm(parts: list[str], until: float) -> int:
+    """The warm-up process: run ``parts`` with a :class:`WarmCtx` until ``until`` (epoch s)."""
+    import gpu_parts
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    start = time.time()
+    for name in parts:
+        ctx = WarmCtx(Path(os.devnull), name, until, True, False)
+        try:
+            gpu_parts.PARTS[name](ctx)
+        except Exception as exc:
+            print(f"warm-up {name}: {type(exc).__name__}: {exc}", flush=True)
+        print(f"warm-up {name}: done at +{time.time() - start:.0f} s", flush=True)
+        if time.time() > until:
+            break
+    return 0
+
+
+def _start_warm(args, names: list[str], until: float, events: Path):
+    """Start the warm-up process (its own process group; its output in a file)."""
+    import subprocess
+
+    parts = [n for n in WARM_PARTS if n in names]
+    if not parts:
+        return None
+    log = events.parent / "warm.log"
+    argv = [sys.executable, str(HERE / "gpu_suite.py"), "--warm", ",".join(parts),
+            "--warm-until", repr(until), "--tune-configs", str(args.tune_configs)]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=HERE.parent)  # fmt: skip
+    with open(events, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"event": "group", "pgid": proc.pid}) + "\n")
+    print(f"  (warm-up process {proc.pid} compiles {', '.join(parts)} meanwhile)", flush=True)
+    return proc, log
+
+
+def _stop_warm(warm_proc) -> None:
+    import signal
+
+    proc, log = warm_proc
+    if proc.poll() is None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=5)
+                break
+            except ProcessLookupError:
+                break
+            except Exception:
+                continue
+    lines = Path(log).read_text(errors="replace").splitlines()
+    done = [ln for ln in lines if ln.startswith("warm-up")]
+    print("  warm-up process: " + ("; ".join(done[-8:]) or "nothing finished"), flush=True)
+
+
 def load_bench(name: str):
     """A sibling benchmark script as a module (``attention`` -> ``benchmarks/attention.py``)."""
     key = f"bench_{name}"
@@ -154,11 +242,20 @@ def run(args, steps, soft_deadline) -> int:
     funcs = {**gpu_parts.PARTS, "model": gpu_model_step.part_model}
     with open(events, "a", encoding="utf-8") as f:
         f.write(json.dumps({"event": "meta", "meta": gpu_parts.versions(cuda)}) + "\n")
+    warm_proc = None
     for part, _ in steps:
         if part.name not in names:
             continue
         now = time.time()
         soft = soft_deadline(steps, part.name, args.start, now)
+        testing = part.name.startswith("tests")
+        if warm_proc is not None and not testing:
+            _stop_warm(warm_proc)
+            warm_proc = None
+        if testing and warm_proc is None and cuda and not args.smoke and not args.no_warm:
+            last_test = [p.name for p, _ in steps if p.name.startswith("tests")][-1]
+            until = soft_deadline(steps, last_test, args.start, now)
+            warm_proc = _start_warm(args, names, until, events)
         ctx = Ctx(events, part.name, soft, cuda, args.smoke)
         ctx.emit(event="start", part=part.name, soft_deadline=soft, t=now)
         print(
@@ -188,4 +285,6 @@ def run(args, steps, soft_deadline) -> int:
         print(f"===== {part.name}: {ctx.status} ({time.time() - now:.0f} s)", flush=True)
         if restart:
             return EXIT_RESTART
+    if warm_proc is not None:
+        _stop_warm(warm_proc)
     return 0

@@ -173,6 +173,7 @@ def run_children(args, steps, start: float, report: gpu_report.Report) -> None:
             str(args.tune_configs),
             *(["--only", *args.only] if args.only else []),
             *(["--smoke"] if args.smoke else []),
+            *(["--no-warm"] if args.no_warm else []),
         ]
         env = {
             **os.environ,
@@ -264,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU interpreter")
     parser.add_argument("--dry-run", action="store_true", help="plan only, even with CUDA")
     parser.add_argument("--grace-s", type=float, default=GRACE_S, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-warm",
+        action="store_true",
+        help="no background warm-up (compiling the benchmarks' kernels while the tests run)",
+    )
+    parser.add_argument("--warm", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-until", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--events", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--start", type=float, help=argparse.SUPPRESS)
@@ -274,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tune-configs must be >= 0, got {args.tune_configs}")
     os.environ["LLAMAZH_TUNE_CONFIGS"] = str(args.tune_configs)
     steps = plan(args.budget_s, args.only)
+    if args.warm:
+        return gpu_child.warm(args.warm.split(","), args.warm_until)
     if args.child:
         return gpu_child.run(args, steps, soft_deadline)
 
