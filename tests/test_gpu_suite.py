@@ -150,8 +150,8 @@ def test_targets_are_read_off_the_rows():
     verdicts = {t: v for t, _, v in report.targets()}
     assert verdicts == {
         "fwd+bwd >= best SDPA backend, 4k-16k": "met",
-        "fwd+bwd causal D=128 >= 330 TFLOP/s (causal)": "met",
-        "fwd D=128 >= 400 TFLOP/s at 8k-16k (causal)": "met",
+        "fwd+bwd causal D=128 >= 330 TFLOP/s": "met",
+        "fwd causal D=128 >= 400 TFLOP/s at 8k-16k": "met",
         "decode KV=64k >= 80% of copy": "MISSED",  # 3000 / 4300 = 70%
         "fused RoPE fwd+bwd >= 10x eager": "met",
         "model step m B=4 S=4096": "met",
