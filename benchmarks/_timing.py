@@ -9,6 +9,7 @@ a plain wall-clock median, which is only good for checking that the code runs.
 from __future__ import annotations
 
 import inspect
+import os
 import statistics
 import subprocess
 import time
@@ -52,7 +53,10 @@ def median_ms(
 
 
 def git_sha() -> str:
-    """Short SHA of the checkout (``unknown`` outside git), plus ``+dirty`` for local edits."""
+    """Short SHA of the checkout (``unknown`` outside git), plus ``+dirty`` for local edits;
+    ``LLAMAZH_GIT_SHA`` overrides it (a copy of the tree without its ``.git``, say)."""
+    if os.environ.get("LLAMAZH_GIT_SHA"):
+        return os.environ["LLAMAZH_GIT_SHA"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
