@@ -92,7 +92,8 @@ def part_env(ctx: Ctx) -> None:
 
     ms = ctx.time_ms(copy, warmup=25, rep=100)
     copy_gbs = 2 * src.numel() * 4 / ms / 1e6  # bytes read + written
-    ctx.add("device-to-device copy 2 GiB", "torch", "GB/s", copy_gbs, "GB/s")
+    size = f"{src.numel() * 4 / 2**20:.0f} MiB"
+    ctx.add(f"device-to-device copy {size}", "torch", "GB/s", copy_gbs, "GB/s")
     del src, dst
     m = 8192 if ctx.cuda else 256
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
