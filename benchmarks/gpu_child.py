@@ -236,10 +236,9 @@ def run(args, steps, soft_deadline) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if cuda:  # each tuning's winner and time, in the log
         os.environ.setdefault("TRITON_PRINT_AUTOTUNING", "1")
-    import gpu_model_step
     import gpu_parts
 
-    funcs = {**gpu_parts.PARTS, "model": gpu_model_step.part_model}
+    funcs = gpu_parts.PARTS
     with open(events, "a", encoding="utf-8") as f:
         f.write(json.dumps({"event": "meta", "meta": gpu_parts.versions(cuda)}) + "\n")
     warm_proc = None
