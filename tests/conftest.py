@@ -8,7 +8,8 @@
   fixture below) fails the test that caused it, so a removal transformers announces fails CI
   the day it is announced, not the day it ships.
 * Hypothesis runs derandomized (fixed seeds) with no deadline; the ``ci`` profile keeps the
-  example counts small enough for 2 CPU cores.
+  example counts small enough for 2 CPU cores, the ``gpu`` profile (set by the GPU suite)
+  smaller still, since there each new example can mean new kernel compiles.
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ settings.register_profile(
 settings.register_profile(
     "thorough",
     max_examples=200,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# a bare GPU machine compiles every new kernel variant (~2 s each) and each example of a
+# kernel test can be a new variant: benchmarks/gpu_suite.py runs the tests with this profile
+settings.register_profile(
+    "gpu",
+    max_examples=4,
     deadline=None,
     derandomize=True,
     print_blob=True,
