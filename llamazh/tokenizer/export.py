@@ -38,7 +38,6 @@ from llamazh._atomic import atomic_dir
 from llamazh._checks import check_choice
 from llamazh.tokenizer._proto import BPE_TYPE, CONTROL, NORMAL, SPACE, UNKNOWN, load_proto
 
-
 #: ``backend`` values of :func:`export_hf_tokenizer`.
 EXPORT_BACKENDS = ("auto", "fast", "sentencepiece")
 
