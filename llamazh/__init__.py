@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "train_sentencepiece": "llamazh.tokenizer",
     "merge_sentencepiece": "llamazh.tokenizer",
     "export_hf_tokenizer": "llamazh.tokenizer",
+    "extend_bpe": "llamazh.tokenizer",
     "encoding_efficiency": "llamazh.tokenizer",
     "resize_embeddings": "llamazh.tokenizer",
     # rotary scaling

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llamazh.tokenizer._proto import BYTE, ModelProto, load_proto
@@ -35,12 +36,22 @@ class TokenizerView:
 
 
 def as_view(value: Any, name: str) -> TokenizerView:
-    """Wrap a path / bytes / ``ModelProto`` / ``MergeResult`` / HF tokenizer.
+    """Wrap a path / bytes / ``ModelProto`` / ``MergeResult`` / HF tokenizer / ``BPEExtension``.
 
     Raises:
         TypeError: ``value`` is none of those.
         ValueError: a path or bytes is not a SentencePiece model.
     """
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if path.is_dir() and (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        elif path.is_dir() and (path / "tokenizer.model").is_file():
+            value = path / "tokenizer.model"
+        if path.suffix == ".json" and path.is_file():
+            from tokenizers import Tokenizer
+
+            return as_view(Tokenizer.from_file(str(path)), name)
     if isinstance(value, (str, os.PathLike, bytes, bytearray, ModelProto)) or (
         hasattr(value, "proto") and isinstance(value.proto, ModelProto)
     ):
@@ -55,13 +66,15 @@ def as_view(value: Any, name: str) -> TokenizerView:
         proto = ModelProto()
         proto.ParseFromString(value.serialized_model_proto())
         return as_view(proto, name)
+    if hasattr(value, "new_tokens") and hasattr(value, "tokenizer"):  # a BPEExtension
+        value = value.tokenizer
     backend = getattr(value, "backend_tokenizer", None)
     if backend is None and type(value).__module__.startswith("tokenizers"):
         backend = value
     if backend is None:
         raise TypeError(
-            f"{name} must be a SentencePiece model (path, bytes, ModelProto, MergeResult) or a "
-            f"Hugging Face fast tokenizer, got {type(value).__name__}"
+            f"{name} must be a SentencePiece model (path, bytes, ModelProto, MergeResult), a "
+            f"Hugging Face fast tokenizer or a BPEExtension, got {type(value).__name__}"
         )
     size = backend.get_vocab_size(with_added_tokens=True)
     pieces = tuple(backend.id_to_token(i) or "" for i in range(size))

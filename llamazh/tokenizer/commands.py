@@ -1,5 +1,5 @@
 """``llamazh`` subcommands for vocabulary extension: train-tokenizer, merge-tokenizer,
-tokenizer-report."""
+extend-tokenizer, tokenizer-report."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def _report(parser: argparse.ArgumentParser) -> Handler:
         "tokenizers",
         nargs="+",
         metavar="TOKENIZER",
-        help="a SentencePiece .model or a Hugging Face tokenizer directory",
+        help="a SentencePiece .model, a Hugging Face tokenizer directory or a tokenizer.json",
     )
     parser.add_argument("--text", nargs="+", required=True, metavar="FILE")
     parser.add_argument("--json", action="store_true", help="print the dict form as JSON")
@@ -106,6 +106,10 @@ def _report(parser: argparse.ArgumentParser) -> Handler:
 
 
 def _load_tokenizer(path: Path) -> Any:
+    if path.suffix == ".json" and path.is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path))
     if path.is_dir():
         from transformers import AutoTokenizer
 
@@ -113,3 +117,60 @@ def _load_tokenizer(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"TOKENIZER {str(path)!r} is neither a .model file nor a directory")
     return path
+
+
+@command(
+    "extend-tokenizer",
+    help="learn new merges on text and append them to a byte-level BPE tokenizer",
+)
+def _extend(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument(
+        "base", metavar="BASE", help="a Hugging Face tokenizer directory or a tokenizer.json"
+    )
+    parser.add_argument("out", metavar="OUT", help="the tokenizer directory to create")
+    parser.add_argument(
+        "--text",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="UTF-8 training text, one text per line (repeat for more files)",
+    )
+    parser.add_argument("--new-tokens", type=int, default=20000, metavar="N")
+    parser.add_argument("--min-frequency", type=int, default=2, metavar="K")
+    parser.add_argument(
+        "--scope",
+        choices=("cjk", "non_ascii", "all"),
+        default="cjk",
+        help="which pairs may merge (default cjk: English keeps the base's tokens)",
+    )
+    parser.add_argument("--overwrite", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        import time
+
+        from llamazh.tokenizer import encoding_efficiency, extend_bpe
+        from llamazh.tokenizer._bytelevel import load_base
+
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"OUT={args.out!r} already exists; pass --overwrite")
+        start = time.perf_counter()
+        ext = extend_bpe(
+            args.base,
+            [Path(t) for t in args.text],
+            new_tokens=args.new_tokens,
+            min_frequency=args.min_frequency,
+            scope=args.scope,
+        )
+        seconds = time.perf_counter() - start
+        ext.save(args.out, overwrite=args.overwrite)
+        print(f"{ext}; learned in {seconds:.1f} s")
+        shown = [t for t in ext.new_token_text() if "\ufffd" not in t]
+        print("first new tokens:", " ".join(repr(t) for t in shown[:12]))
+        print("last new tokens: ", " ".join(repr(t) for t in shown[-12:]))
+        base = load_base(args.base, "BASE").tokenizer
+        texts = {Path(t).stem: t for t in args.text}
+        print(encoding_efficiency({"base": base, "extended": ext}, texts).table())
+        print(f"wrote {args.out}")
+        return 0
+
+    return run

@@ -30,7 +30,9 @@ def resize_embeddings(
 
     * ``"subword_mean"`` (default): the mean of the *old* rows of the pieces the old
       tokenizer splits the new piece's text into (bytes included, as the old model saw it);
-      pieces without text (control, unused padding) get the ``"mean"`` row.
+      pieces without text (control, unused padding) get the ``"mean"`` row. For byte-level
+      BPE (:func:`extend_bpe`) the old model splits the new token's *bytes*, so tokens that
+      are not whole characters (partial UTF-8) get their byte pieces' mean too.
     * ``"mean"``: the mean of all old rows.
     * ``"normal"``: i.i.d. ``N(0, initializer_range**2)`` (the model config's value, 0.02 if
       absent), what a freshly built model would hold; drawn from ``generator``.
@@ -46,8 +48,9 @@ def resize_embeddings(
     Args:
         model: a transformers model (``get_input_embeddings``/``get_output_embeddings``).
         old_tokenizer: the tokenizer the model was trained with (SentencePiece model or HF
-            fast tokenizer).
-        new_tokenizer: the extended tokenizer (same kinds, or a ``MergeResult``).
+            fast tokenizer, e.g. a byte-level BPE directory).
+        new_tokenizer: the extended tokenizer (same kinds, a ``MergeResult`` or a
+            ``BPEExtension``).
         init: one of :data:`RESIZE_INITS`, for the input embedding rows.
         head_init: one of :data:`RESIZE_INITS` for the lm_head rows, or ``None`` (``init``,
             ``"mean"`` for ``"subword_mean"``). Must be ``None`` or ``init`` when tied.

@@ -81,3 +81,77 @@ def pieces_text():
         return st.lists(st.sampled_from(pieces), min_size=1, max_size=10).map("".join)
 
     return strategy
+
+
+# --- byte-level BPE bases -------------------------------------------------------------------
+
+FIXTURES = __import__("pathlib").Path(__file__).resolve().parent.parent / "fixtures"
+
+# Llama-3's pre-tokenizer: the GPT-4 split regex, then bytes -> characters without a regex.
+GPT4_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BPE_NEW = 1500  # new tokens in the test extensions (trained on ~4,000 lines in ~2 s)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2's tokenizer directory (tests/fixtures, Apache-2.0)."""
+    return FIXTURES / "smollm2_tokenizer"
+
+
+@pytest.fixture(scope="session")
+def llama3_style(corpus_lines):
+    """A Llama-3-style byte-level BPE built from scratch: GPT-4 regex as a Split
+    pre-tokenizer, ByteLevel(use_regex=False), ignore_merges=True, 4,000 tokens trained on
+    English, and two special tokens appended after the model vocabulary (as Llama-3's)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GPT4_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([ln for ln in corpus_lines["en_d2l"] if ln.strip()], trainer)
+    tok.add_special_tokens(
+        [AddedToken(s, special=True, normalized=False) for s in ("<|bot|>", "<|eot|>")]
+    )
+    return tok
+
+
+@pytest.fixture(scope="session")
+def bpe_train_lines():
+    """About 4,000 Chinese training lines of the held-out protocol (modern + classical)."""
+    from llamazh.tokenizer import chinese_held_out_split
+
+    train = chinese_held_out_split().train
+    return [*train[:2500], *train[-1500:]]
+
+
+@pytest.fixture(scope="session")
+def bpe_bases(smollm2_dir, llama3_style):
+    """family -> base tokenizers.Tokenizer."""
+    from tokenizers import Tokenizer
+
+    return {
+        "smollm2": Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")),
+        "llama3": llama3_style,
+    }
+
+
+@pytest.fixture(scope="session")
+def bpe_extensions(smollm2_dir, llama3_style, bpe_train_lines):
+    """family -> BPEExtension with BPE_NEW new tokens."""
+    from llamazh.tokenizer import extend_bpe
+
+    return {
+        "smollm2": extend_bpe(smollm2_dir, bpe_train_lines, new_tokens=BPE_NEW),
+        "llama3": extend_bpe(llama3_style, bpe_train_lines, new_tokens=BPE_NEW),
+    }

@@ -59,3 +59,36 @@ def test_python_dash_m(tmp_path):
         [sys.executable, "-m", "llamazh", "--help"], capture_output=True, text=True, check=False
     )
     assert run.returncode == 0 and "merge-tokenizer" in run.stdout
+
+
+def test_extend_tokenizer(tmp_path, corpus_path, capsys):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    smollm2 = Path(__file__).resolve().parent.parent / "fixtures" / "smollm2_tokenizer"
+    text = tmp_path / "zh.txt"
+    lines = corpus_path("zh_d2l.txt").read_text(encoding="utf-8").splitlines()[:600]
+    text.write_text("\n".join(lines), encoding="utf-8")
+    out = tmp_path / "ext"
+    argv = ["extend-tokenizer", str(smollm2), str(out), "--text", str(text), "--new-tokens"]
+    assert main([*argv, "300", "--text", str(corpus_path("en_d2l.txt"))]) == 0
+    printed = capsys.readouterr().out
+    assert "49152 base + 300 new tokens = 49452" in printed and "first new tokens:" in printed
+    assert "extended" in printed and "en_d2l" in printed and "zh" in printed
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 49452
+    assert (
+        main(["tokenizer-report", str(out), str(out / "tokenizer.json"), "--text", str(text)]) == 0
+    )
+    capsys.readouterr()
+
+    # an existing OUT, a corpus too small, a tokenizer that is not byte-level BPE: exit 2
+    assert main([*argv, "300"]) == 2
+    assert "OUT=" in capsys.readouterr().err
+    assert main([*argv[:2], str(tmp_path / "big"), *argv[3:], "900000"]) == 2
+    assert "is more than this text supports" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()
+    assert main([argv[0], str(tmp_path), str(tmp_path / "o"), *argv[3:], "10"]) == 2
+    assert "without a tokenizer.json" in capsys.readouterr().err
+    assert main([*argv[:2], str(tmp_path / "z"), *argv[3:], "0"]) == 2
+    assert "new_tokens must be >= 1" in capsys.readouterr().err

@@ -92,3 +92,46 @@ def test_errors(llama2_model_path, merged_rank, zh_model_path):
     with pytest.raises(ValueError, match="head_init='mean' differs from init='subword_mean'"):
         resize_embeddings(tied, llama2_model_path, merged_rank, head_init="mean")
     assert tied.get_input_embeddings().weight.shape[0] == 32000  # nothing changed
+
+
+@pytest.mark.parametrize("family", ["smollm2", "llama3"])
+def test_byte_level_bpe_tied_subword_mean(bpe_bases, bpe_extensions, family):
+    """New rows are the mean of the base split of each new token's bytes (partial UTF-8
+    tokens included); SmolLM2-style tied embeddings stay one tensor."""
+    from llamazh.tokenizer._bytelevel import token_bytes
+
+    base, ext = bpe_bases[family], bpe_extensions[family]
+    n_old, n_new = ext.base_vocab_size, ext.vocab_size
+    model = tiny_llama(seed=0, vocab_size=n_old, tie_word_embeddings=True)
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    ids = resize_embeddings(model, base, ext)
+    assert torch.equal(ids, torch.arange(n_old, n_new))
+    emb = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is emb and emb.shape == (n_new, 64)
+    assert torch.equal(emb[:n_old], emb0) and model.config.vocab_size == n_new
+    partial = [k for k, t in enumerate(ext.new_tokens) if not _utf8(token_bytes(t))]
+    whole = [k for k, t in enumerate(ext.new_tokens) if _utf8(token_bytes(t))]
+    assert partial and whole
+    for k in [*partial[:5], *whole[:5], len(ext.new_tokens) - 1]:
+        # oracle: encode the token's bytes as text where they are whole characters, else
+        # split the byte-level string with the base BPE model alone
+        data = token_bytes(ext.new_tokens[k])
+        if _utf8(data):
+            split = base.encode(data.decode("utf-8"), add_special_tokens=False).ids
+            pre = base.pre_tokenizer.pre_tokenize_str(data.decode("utf-8"))
+            if len(pre) != 1:
+                continue  # the pre-tokenizer would cut it; the model split is what counts
+        else:
+            split = [t.id for t in base.model.tokenize(ext.new_tokens[k])]
+        assert len(split) > 1
+        assert torch.equal(emb[n_old + k], emb0[split].mean(0)), (k, split)
+    out = model(torch.tensor([[1, n_new - 1, 5]])).logits
+    assert out.shape == (1, 3, n_new) and torch.isfinite(out).all()
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
