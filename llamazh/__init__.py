@@ -52,6 +52,8 @@ _LAZY: dict[str, str] = {
     # templates
     "TEMPLATES": "llamazh.templates",
     "get_template": "llamazh.templates",
+    # a real model to run on
+    "load_smollm2": "llamazh.pretrained",
 }
 
 __all__ = ["PatchHandle", "__version__", "patch", *_LAZY]

@@ -1,5 +1,5 @@
-"""Exact prompt formats (Alpaca, Chinese-Alpaca-2, Llama-2-chat, Llama-3) with SFT encoding and
-chat-template export.
+"""Exact prompt formats (Alpaca, Chinese-Alpaca-2, Llama-2-chat, Llama-3, ChatML) with SFT
+encoding and chat-template export.
 
 >>> from llamazh.templates import TEMPLATES, get_template
 >>> t = get_template("llama3")

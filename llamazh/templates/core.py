@@ -49,7 +49,8 @@ class ChatTemplate:
     ``prefix``, then the system block (``system`` with the system text as ``{content}``; or, if
     ``system`` is ``None`` and ``system_fold`` is set, ``system_fold`` with the system text
     prepended to the first user message's content), then per message ``user`` or
-    ``assistant_prompt`` + ``assistant`` (the latter labeled), then ``assistant_prompt`` if a
+    ``assistant_prompt`` + ``assistant`` (the latter labeled) + ``assistant_suffix`` (not
+    labeled: ChatML's newline after ``<|im_end|>``), then ``assistant_prompt`` if a
     generation prompt is asked for; ``assistant_lead`` goes before a reply only when the reply
     is not empty (Chinese-Alpaca-2's ``" " + answer``). Without a system message
     ``default_system`` is used (``None``: no system block). ``strip``: message contents (after
@@ -65,6 +66,7 @@ class ChatTemplate:
     stop_tokens: tuple[str, ...]
     assistant_prompt: tuple[Piece, ...] = ()
     assistant_lead: str = ""
+    assistant_suffix: tuple[Piece, ...] = ()
     system: tuple[Piece, ...] | None = None
     system_fold: str | None = None
     default_system: str | None = None
@@ -102,6 +104,7 @@ class ChatTemplate:
                 if content and self.assistant_lead:
                     out.append(Part(self.assistant_lead, assistant=True))
                 _emit(out, self.assistant, content, assistant=True)
+                _emit(out, self.assistant_suffix, "")
         if add_generation_prompt:
             _emit(out, self.assistant_prompt, "")
         return out

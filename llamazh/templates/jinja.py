@@ -119,7 +119,8 @@ def to_jinja(template: ChatTemplate) -> str:
             else ""
         )
         + _emit(t.assistant, "content")
-        + "{%- endgeneration -%}",
+        + "{%- endgeneration -%}"
+        + _emit(t.assistant_suffix),
         "{%- endif -%}",
         "{%- endfor -%}",
         "{%- if add_generation_prompt -%}",

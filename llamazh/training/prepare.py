@@ -199,6 +199,30 @@ def prepared_of(model: nn.Module) -> PreparedModel | None:
     return model.__dict__.get(ATTR)
 
 
+def resolve_modes(embeddings: str | None, lm_head: str | None, *, tied: bool) -> tuple[str, str]:
+    """The (embeddings, lm_head) modes to use: None means ``"full"``; on a tied model a mode
+    named for one of the two applies to both, and two different named modes raise.
+
+    Example:
+        >>> resolve_modes("new_rows", None, tied=True)
+        ('new_rows', 'new_rows')
+    """
+    if tied:
+        if embeddings is not None and lm_head is not None and embeddings != lm_head:
+            raise ValueError(
+                "the model ties lm_head to the input embedding (one matrix), so embeddings and "
+                f"lm_head cannot differ; got embeddings={embeddings!r}, lm_head={lm_head!r}. "
+                "Name one of them: the other follows"
+            )
+        mode = embeddings if embeddings is not None else lm_head
+        mode = "full" if mode is None else mode
+        return mode, mode
+    return (
+        "full" if embeddings is None else embeddings,
+        "full" if lm_head is None else lm_head,
+    )
+
+
 def prepare_for_training(
     model: nn.Module,
     *,
@@ -206,8 +230,8 @@ def prepare_for_training(
     alpha: float = 128.0,
     dropout: float = 0.05,
     target_modules: Sequence[str] | str = DEFAULT_TARGETS,
-    embeddings: str = "full",
-    lm_head: str = "full",
+    embeddings: str | None = None,
+    lm_head: str | None = None,
     new_token_ids: torch.Tensor | Sequence[int] | None = None,
     rslora: bool = False,
     adapter_dtype: torch.dtype | None = torch.float32,
@@ -225,8 +249,10 @@ def prepare_for_training(
         target_modules: module-name suffixes or one regex (PEFT's forms); must match at least one
             ``nn.Linear`` and may not match the lm_head.
         embeddings, lm_head: ``"frozen"``, ``"full"`` or ``"new_rows"`` (only the rows of
-            ``new_token_ids`` train; gradients and optimizer state exist only for them). With tied
-            weights both must be the same.
+            ``new_token_ids`` train; gradients and optimizer state exist only for them); None
+            (the default) means ``"full"``. With tied weights (one matrix, e.g. SmolLM2) naming
+            one is enough: the other follows, and ``"new_rows"`` trains the new rows of the one
+            shared matrix; naming both with different modes raises.
         new_token_ids: int64 (n,) ids of the added tokens (``llamazh.tokenizer.resize_embeddings``
             returns them); required by ``"new_rows"``.
         adapter_dtype: dtype of the LoRA factors and new rows (fp32 by default; None = the base's).
@@ -245,6 +271,8 @@ def prepare_for_training(
     Example:
         >>> prepared = prepare_for_training(model, embeddings="new_rows", lm_head="new_rows",
         ...                                 new_token_ids=new_ids)
+        >>> # a tied model (SmolLM2): the lm_head follows the embedding
+        >>> prepared = prepare_for_training(tied_model, embeddings="new_rows", new_token_ids=ids)
         >>> print(prepared.report())
         >>> opt = torch.optim.AdamW(prepared.param_groups(2e-4))
     """
@@ -258,6 +286,7 @@ def prepare_for_training(
             f"{type(embed).__name__} and {type(head).__name__}"
         )
     tied = head.weight is embed.weight
+    embeddings, lm_head = resolve_modes(embeddings, lm_head, tied=tied)
     vocab = embed.weight.shape[0]
     if head.weight.shape[0] != vocab:
         raise ValueError(f"lm_head has {head.weight.shape[0]} rows but the embedding has {vocab}")
@@ -273,11 +302,6 @@ def prepare_for_training(
         rslora=rslora,
         base_model_name_or_path=base_model_name_or_path,
     )
-    if tied and embeddings != lm_head:
-        raise ValueError(
-            "the model ties lm_head to the input embedding, so embeddings and lm_head must use "
-            f"the same mode; got embeddings={embeddings!r}, lm_head={lm_head!r}"
-        )
     embed_name = _module_name(model, embed, "input embedding")
     head_name = _module_name(model, head, "output embedding (lm_head)")
     targets = [

@@ -12,6 +12,8 @@
   corpus (``train_sentencepiece`` + ``merge_sentencepiece(scores="rank")``), exported the same
   way.
 * ``llama3``: a small byte-level BPE with Llama-3's pre-tokenizer regex and its special tokens.
+* ``chatml``: a small byte-level BPE built like SmolLM2's (GPT-2 regex, ``<|endoftext|>``,
+  ``<|im_start|>``, ``<|im_end|>`` as ids 0-2); tests/real checks the real one.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def hf_tokenizers(tokenizer_dirs, corpus_path) -> dict[str, object]:
 
     out = {name: AutoTokenizer.from_pretrained(str(d)) for name, d in tokenizer_dirs.items()}
     out["llama3"] = _llama3_tokenizer(corpus_path)
+    out["chatml"] = _chatml_tokenizer(corpus_path)
     with warnings.catch_warnings():  # the legacy=False warning, tested in test_sft.py
         warnings.simplefilter("ignore", UserWarning)
         _segment_tokenizers(out["llama2-first"])
@@ -112,4 +115,33 @@ def _llama3_tokenizer(corpus_path):
         bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>",
         additional_special_tokens=LLAMA3_SPECIALS[1:4],
+    )
+
+
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _chatml_tokenizer(corpus_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1200,
+        special_tokens=CHATML_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = ["system user assistant You are a helpful AI assistant named SmolLM"]
+    for name in ("en_d2l.txt", "zh_d2l.txt"):
+        text += Path(corpus_path(name)).read_text(encoding="utf-8").splitlines()[:300]
+    tok.train_from_iterator(text, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
     )

@@ -126,7 +126,7 @@ def test_bad_conversations(name, messages, match):
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_bad_conversations_in_jinja(hf_tokenizers, name):
     """The exported template refuses the same conversations (transformers raises)."""
-    tok = hf_tokenizers["llama3" if name == "llama3" else "llama2-first"]
+    tok = hf_tokenizers["llama3" if name == "llama3" else "llama2-first"]  # render only
     jinja = get_template(name).to_jinja()
     for messages, _ in BAD[1:]:
         with pytest.raises(Exception):  # noqa: B017 (jinja's TemplateError or ValueError)

@@ -14,7 +14,10 @@ LLAMA2_FAMILY = ["alpaca", "alpaca-inference", "alpaca2", "alpaca2-long", "llama
 KINDS = ("llama2-first", "llama2-always", "llama2-exact", "zh-merged")
 CASES = [(t, k) for t in LLAMA2_FAMILY for k in KINDS]
 CASES += [("llama3", "llama3")]
+CHATML = ["chatml", "chatml-smollm2", "chatml-qwen2"]
+CASES += [(t, "chatml") for t in CHATML]
 SPECIALS = ("<s>", "</s>", "<unk>", "<|")
+TOKENIZER_OF = {"llama3": "llama3", **dict.fromkeys(CHATML, "chatml")}
 
 CHUNKS = [
     "hello", " world", "Hi", "the model", "LoRA", "42", "3.14", ",", ".", "!", "?", "'", '"',
@@ -49,7 +52,7 @@ def _hf(tokenizer, template, messages, **kwargs):
 @given(messages=conversations())
 def test_render_equals_jinja(hf_tokenizers, name, messages):
     template = TEMPLATES[name]
-    tok = hf_tokenizers["llama3" if name == "llama3" else "llama2-first"]
+    tok = hf_tokenizers[TOKENIZER_OF.get(name, "llama2-first")]
     gen = messages[-1]["role"] == "user"
     ours = template.render(messages, add_generation_prompt=gen)
     assert ours == _hf(tok, template, messages, tokenize=False, add_generation_prompt=gen)
@@ -66,7 +69,8 @@ def test_encode_equals_apply_chat_template(hf_tokenizers, name, kind, messages):
     assert mask == out["assistant_masks"]
     assert all(label in (IGNORE_INDEX, i) for label, i in zip(labels, ids))
     # one BOS, at the start; every reply's end token is trained
-    bos = tok.convert_tokens_to_ids(template.prefix[0].token if template.prefix else "<s>")
+    opener = "<|im_start|>" if name in CHATML else "<s>"  # ChatML has no BOS
+    bos = tok.convert_tokens_to_ids(template.prefix[0].token if template.prefix else opener)
     assert ids[0] == bos
     if template.prefix:
         assert ids.count(bos) == 1
