@@ -131,9 +131,22 @@ def _new_row_sources(old: Any, new: Any, init: str) -> list[list[int] | None]:
         return [None] * (n_new - n_old)
     split = piece_splitter(old)
     usable = _textual(new, n_old)
+    added = _added_texts(new)  # added tokens match raw text: the old tokenizer encodes it
     return [
-        split(new.pieces[i]) or None if usable[i - n_old] else None for i in range(n_old, n_new)
+        (old.encode([added[i]])[0] if i in added else split(new.pieces[i])) or None
+        if usable[i - n_old]
+        else None
+        for i in range(n_old, n_new)
     ]
+
+
+def _added_texts(view: Any) -> dict[int, str]:
+    """Id -> text of a Hugging Face tokenizer's added (non-special) tokens, e.g. ``add_tokens``."""
+    if view.kind != "hf":
+        return {}
+    backend = getattr(view.obj, "backend_tokenizer", view.obj)
+    decoder = getattr(backend, "get_added_tokens_decoder", lambda: {})()
+    return {i: t.content for i, t in decoder.items() if not t.special}
 
 
 def _textual(view: Any, start: int) -> list[bool]:
