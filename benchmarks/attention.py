@@ -20,7 +20,6 @@ import argparse
 import csv
 import datetime as dt
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _timing import git_sha, median_ms  # noqa: E402
 
 
 def flops(batch: int, seqlen: int, heads: int, head_dim: int, causal: bool, mode: str) -> float:
@@ -40,7 +42,7 @@ def providers() -> dict:
 
     found = {
         "llamazh": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal),
-        "sdpa-flash": _sdpa_flash,
+        "sdpa-flash": sdpa("FLASH_ATTENTION"),
     }
     if importlib.util.find_spec("flash_attn") is not None:
         import flash_attn
@@ -51,23 +53,37 @@ def providers() -> dict:
     return found
 
 
-def _sdpa_flash(q, k, v, causal):
+def sdpa(backend: str | None):
+    """``fn(q, k, v, causal)`` on (B, S, H, D) tensors through PyTorch SDPA, pinned to one
+    backend (a ``torch.nn.attention.SDPBackend`` member name such as ``"CUDNN_ATTENTION"``) or,
+    with ``None``, left to PyTorch's choice. Raises ``AttributeError`` for a backend this torch
+    does not have; a backend that cannot take the inputs raises when called."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        # (B, S, H, D) -> (B, H, S, D) views; SDPA's flash backend takes them as they are
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
-        )
-    return out.transpose(1, 2)
+    member = None if backend is None else getattr(SDPBackend, backend)
+
+    def run(q, k, v, causal):
+        # (B, S, H, D) -> (B, H, S, D) views; the backends take them as they are
+        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        gqa = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
+        if member is None:
+            out = torch.nn.functional.scaled_dot_product_attention(*args, is_causal=causal, **gqa)
+        else:
+            with sdpa_kernel(member):
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    *args, is_causal=causal, **gqa
+                )
+        return out.transpose(1, 2)
+
+    return run
 
 
-def time_ms(fn, q, k, v, causal: bool, mode: str) -> float:
-    import triton.testing
-
+def time_ms(fn, q, k, v, causal: bool, mode: str, warmup: int = 50, rep: int = 200,
+            cuda: bool = True) -> float:  # fmt: skip
+    """Median ms of ``fn`` forward (``mode="fwd"``, no autograd) or forward + backward."""
     if mode == "fwd":
         with torch.no_grad():
-            return triton.testing.do_bench(lambda: fn(q, k, v, causal), warmup=50, rep=200)
+            return median_ms(lambda: fn(q, k, v, causal), warmup=warmup, rep=rep, cuda=cuda)
     out = fn(q, k, v, causal)
     dout = torch.randn_like(out)
 
@@ -75,19 +91,7 @@ def time_ms(fn, q, k, v, causal: bool, mode: str) -> float:
         o = fn(q, k, v, causal)
         torch.autograd.grad(o, (q, k, v), dout)
 
-    return triton.testing.do_bench(step, warmup=50, rep=200)
-
-
-def git_sha() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-            ).stdout.strip()
-            or "unknown"
-        )
-    except OSError:
-        return "unknown"
+    return median_ms(step, warmup=warmup, rep=rep, cuda=cuda)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,35 +17,39 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import median_ms
+
 
 def bench(fn) -> float:
     """Median milliseconds of ``fn()``."""
-    from triton.testing import do_bench
-
-    kwargs = {"warmup": 25, "rep": 100}
-    if "return_mode" in inspect.signature(do_bench).parameters:
-        kwargs["return_mode"] = "median"
-    return float(do_bench(fn, **kwargs))
+    return median_ms(fn, warmup=25, rep=100)
 
 
-def providers(B: int, S: int, Hq: int, Hk: int, D: int, dtype: torch.dtype):
+EAGER = "transformers eager"
+
+
+def providers(B: int, S: int, Hq: int, Hk: int, D: int, dtype: torch.dtype, *,
+              compiled: bool = False, device: str = "cuda"):  # fmt: skip
+    """q (B, Hq, S, D), k (B, Hk, S, D) views and ``{name: fn(q, k) -> (q', k')}``: the fused
+    kernel, transformers' eager rotary and, with ``compiled``, the latter under torch.compile."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from llamazh.rope import NoScaling, apply_rotary, rope_cos_sin
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q_proj = torch.randn(B, S, Hq * D, device="cuda", dtype=dtype, generator=gen)
-    k_proj = torch.randn(B, S, Hk * D, device="cuda", dtype=dtype, generator=gen)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q_proj = torch.randn(B, S, Hq * D, device=device, dtype=dtype, generator=gen)
+    k_proj = torch.randn(B, S, Hk * D, device=device, dtype=dtype, generator=gen)
     q = q_proj.view(B, S, Hq, D).transpose(1, 2)  # (B, Hq, S, D) view, as transformers has it
     k = k_proj.view(B, S, Hk, D).transpose(1, 2)
-    inv_freq, _ = NoScaling().inv_freq(D, 10000.0, device="cuda")
-    positions = torch.arange(S, device="cuda")
+    inv_freq, _ = NoScaling().inv_freq(D, 10000.0, device=device)
+    positions = torch.arange(S, device=device)
     cos_half, sin_half = rope_cos_sin(inv_freq, positions, full_width=False)  # (S, D/2) fp32
     cos_hf, sin_hf = rope_cos_sin(inv_freq, positions[None], dtype=dtype)  # (1, S, D) bf16
 
@@ -55,31 +59,36 @@ def providers(B: int, S: int, Hq: int, Hk: int, D: int, dtype: torch.dtype):
     def eager(a, b):
         return apply_rotary_pos_emb(a, b, cos_hf, sin_hf)
 
-    return q, k, {"llamazh (Triton)": ours, "transformers eager": eager}
+    fns = {"llamazh (Triton)": ours, EAGER: eager}
+    if compiled:
+        fns["transformers compiled"] = torch.compile(eager, dynamic=False)
+    return q, k, fns
 
 
-def measure(B: int, S: int, Hq: int, Hk: int, D: int, dtype: torch.dtype) -> list[list]:
-    """Rows [S, provider, fwd ms, fwd GB/s, f+b ms, f+b GB/s, speed-up fwd, speed-up f+b]."""
+def measure(B: int, S: int, Hq: int, Hk: int, D: int, dtype: torch.dtype, *,
+            compiled: bool = False, device: str = "cuda", timer=bench) -> list[list]:  # fmt: skip
+    """Rows [S, provider, fwd ms, fwd GB/s, f+b ms, f+b GB/s, speed-up fwd, speed-up f+b];
+    speed-ups are over transformers' eager rotary (so its own are 1.0)."""
     item = torch.finfo(dtype).bits // 8
     qk_bytes = 2 * B * S * (Hq + Hk) * D * item
-    q, k, fns = providers(B, S, Hq, Hk, D, dtype)
+    q, k, fns = providers(B, S, Hq, Hk, D, dtype, compiled=compiled, device=device)
     gq, gk = torch.randn_like(q), torch.randn_like(k)
     rows = []
     for name, fn in fns.items():
-        fwd_ms = bench(lambda fn=fn: fn(q, k))
+        fwd_ms = timer(lambda fn=fn: fn(q, k))
         ql, kl = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
 
         def step(fn=fn, ql=ql, kl=kl):
             return torch.autograd.grad(fn(ql, kl), (ql, kl), (gq, gk))
 
-        fb_ms = bench(step)
+        fb_ms = timer(step)
         table_bytes = 2 * S * (D // 2) * 4 if name.startswith("llamazh") else 2 * S * D * item
         fwd_gbs = (qk_bytes + table_bytes) / fwd_ms / 1e6
         fb_gbs = (2 * qk_bytes + 2 * table_bytes) / fb_ms / 1e6
         rows.append([S, name, fwd_ms, fwd_gbs, fb_ms, fb_gbs])
-    ours, eager = rows
-    ours += [eager[2] / ours[2], eager[4] / ours[4]]
-    eager += [1.0, 1.0]
+    eager = next(r for r in rows if r[1] == EAGER)
+    for row in rows:
+        row += [eager[2] / row[2], eager[4] / row[4]]
     return rows
 
 

@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "train_sentencepiece": "llamazh.tokenizer",
     "merge_sentencepiece": "llamazh.tokenizer",
     "export_hf_tokenizer": "llamazh.tokenizer",
+    "extend_bpe": "llamazh.tokenizer",
     "encoding_efficiency": "llamazh.tokenizer",
     "resize_embeddings": "llamazh.tokenizer",
     # rotary scaling
@@ -51,6 +52,8 @@ _LAZY: dict[str, str] = {
     # templates
     "TEMPLATES": "llamazh.templates",
     "get_template": "llamazh.templates",
+    # a real model to run on
+    "load_smollm2": "llamazh.pretrained",
 }
 
 __all__ = ["PatchHandle", "__version__", "patch", *_LAZY]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llamazh.integrations.hf_cache import crop_cache, new_dynamic_cache
+from llamazh.integrations.hf_cache import cache_kwargs, crop_cache, new_dynamic_cache
 from llamazh.speculative.drafters import common_prefix_length
 
 _KEEP_BEHIND = 64  # unconditional log-probs kept for positions this far behind the newest call
@@ -118,8 +118,7 @@ class ClassifierFreeGuidance:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
+            **cache_kwargs(self.model, self._cache),
         )
         self.forward_calls += 1
         return torch.nn.functional.log_softmax(out.logits.float(), dim=-1)
@@ -143,8 +142,7 @@ class ClassifierFreeGuidance:
             input_ids=base,
             attention_mask=self._mask,
             position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
+            **cache_kwargs(self.model, self._cache),
         )
         self.forward_calls += 1
         self._logprobs = {0: torch.nn.functional.log_softmax(out.logits[:, -1].float(), dim=-1)}

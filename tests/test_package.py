@@ -50,3 +50,36 @@ def test_tolerance_rule_rejects_nan():
     ref = torch.zeros(2)
     act = torch.tensor([0.0, float("nan")])
     assert not compare(act, ref, ref).ok
+
+
+def test_lowest_constraints_agree_with_pyproject():
+    """.ci/constraints-lowest.txt pins exactly the lower bounds pyproject.toml declares."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    constraints = root / ".ci" / "constraints-lowest.txt"
+    if not constraints.is_file():
+        pytest.skip(".ci/constraints-lowest.txt is not in this checkout")
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["test"]
+    lower = {}
+    for requirement in requirements:
+        match = re.match(r"^([A-Za-z0-9_.-]+)(?:\[.*\])?.*?>=\s*([0-9][^,;\s]*)", requirement)
+        if match:
+            lower[match.group(1).lower()] = match.group(2)
+    pins = {}
+    for line in constraints.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    for name, version in pins.items():
+        if name not in lower:
+            continue  # a transitive pin (huggingface-hub): transformers' own lower bound
+        assert tuple(map(int, lower[name].split("."))) == tuple(
+            map(int, version.split(".")[: len(lower[name].split("."))])
+        ), f"{name}: pyproject says >={lower[name]}, constraints pin {version}"
+    assert {"transformers", "peft", "tokenizers"} <= pins.keys()

@@ -58,9 +58,9 @@ def test_corrupt_file_is_refused(monkeypatch, tmp_path, content):
 
 def test_missing_gguf_module_names_install_command(monkeypatch, tmp_path, fake_gguf):
     monkeypatch.setattr(pretrained, "_gguf_module_missing", lambda: True)
-    with pytest.raises(ImportError, match="pip install gguf"):
+    with pytest.raises(ImportError, match="pip install -U gguf accelerate"):
         pretrained.smollm2_dir(tmp_path / "cache")
-    assert "pip install gguf" in pretrained.smollm2_available(tmp_path / "cache")[1]
+    assert "gguf accelerate" in pretrained.smollm2_available(tmp_path / "cache")[1]
 
 
 def test_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path, fake_gguf):

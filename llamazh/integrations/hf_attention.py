@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from llamazh.patching import Change
+from llamazh._change import Change
 
 NAME = "llamazh"
 # tests flip this to run the kernel path on CPU tensors under TRITON_INTERPRET=1
@@ -265,13 +265,10 @@ def register() -> None:
     """
     from transformers import AttentionInterface
 
-    try:
-        from transformers import AttentionMaskInterface
-    except ImportError:
-        from transformers.masking_utils import AttentionMaskInterface
+    from llamazh.integrations.hf_compat import attention_mask_interface
 
     AttentionInterface.register(NAME, llamazh_attention_forward)
-    AttentionMaskInterface.register(NAME, llamazh_attention_mask)
+    attention_mask_interface().register(NAME, llamazh_attention_mask)
 
 
 def patch_attention(model: Any, attention: str) -> list[Change]:

@@ -1,10 +1,8 @@
 """transformers KV caches as the speculative loop and CFG need them: create, measure, roll back.
 
-Rolling back means dropping the newest positions. transformers' ``DynamicCache.crop(n)`` means
-"remove -n tokens" for negative n in every 5.x release, while a positive n is an absolute length
-in 5.17 and an error in 5.23, and ``crop(0)`` empties the cache in old releases; so only
-``crop(-n)`` with ``n > 0`` is ever called here. A cache whose layers cannot be cropped (a
-``StaticCache``) is refused up front, by feature detection, never by version.
+Rolling back means dropping the newest positions, always as ``crop(-n)`` with ``n > 0`` (the
+one form every supported release reads alike; see :mod:`llamazh.integrations.hf_compat`). A
+cache that cannot be rolled back is refused up front, by feature detection, never by version.
 """
 
 from __future__ import annotations
@@ -14,29 +12,35 @@ from typing import Any
 
 import torch
 
+from llamazh.integrations.hf_compat import (
+    cache_is_croppable,
+    cache_kwargs,
+    crop_last,
+    new_dynamic_cache,
+    output_cache,
+)
 
-def new_dynamic_cache(model: Any) -> Any:
-    """A fresh ``DynamicCache`` for ``model`` (sized from its config where supported)."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older signatures without ``config``
-        return DynamicCache()
+__all__ = [
+    "accepts_logits_to_keep",
+    "cache_kwargs",
+    "cache_length",
+    "check_rollback_cache",
+    "crop_cache",
+    "model_device",
+    "new_dynamic_cache",
+    "output_cache",
+    "output_vocab_size",
+]
 
 
 def check_rollback_cache(cache: Any, name: str) -> Any:
     """Return ``cache`` if it can be cropped (rolled back), else raise ``ValueError``."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        ok = all(callable(getattr(layer, "crop", None)) for layer in layers)
-    else:
-        ok = callable(getattr(cache, "crop", None))
-    if not ok or getattr(cache, "get_seq_length", None) is None:
+    if not cache_is_croppable(cache):
         raise ValueError(
             f"{name} is a {type(cache).__name__}, which cannot be rolled back after rejected "
-            "drafts (its layers have no crop); speculative decoding needs a cache that can "
-            "drop positions, e.g. transformers.DynamicCache (or pass None to get one)"
+            "drafts in this transformers release (it is not croppable); speculative decoding "
+            "needs a cache that can drop positions, e.g. transformers.DynamicCache (or pass None "
+            "to get one)"
         )
     return cache
 
@@ -54,7 +58,7 @@ def crop_cache(cache: Any, length: int) -> None:
             f"cannot crop a cache of {cache_length(cache)} positions to length={length}"
         )
     if extra > 0:
-        cache.crop(-extra)
+        crop_last(cache, extra)
 
 
 def accepts_logits_to_keep(model: Any) -> bool:

@@ -35,7 +35,12 @@ from typing import Any
 
 import torch
 
-from llamazh.patching import Change
+from llamazh._change import Change
+from llamazh.integrations.hf_compat import (
+    attention_contract,
+    check_rotary_forward,
+    get_attention_function,
+)
 from llamazh.rope.apply import apply_rotary
 from llamazh.rope.config import from_hf
 from llamazh.rope.strategies import DynamicNTKScaling, RopeScaling
@@ -136,9 +141,15 @@ def patch_rope(
             "consistent_cache=True needs one rotary embedding and Llama/Mistral/Qwen2-style "
             f"attention modules; {type(model).__name__} has neither"
         )
+    # Refuse unknown internals before changing anything (a misread forward drops the cache).
+    native = strategy.hf_native and not consistent_cache
+    if not native:
+        for _, rotary in rotaries:
+            check_rotary_forward(rotary)
+    contracts = [attention_contract(m) for _, m in attentions] if fused or consistent_cache else []
     changes: list[Change] = []
     try:
-        _patch(model, strategy, params, rotaries, attentions, consistent_cache, fused, changes)
+        _patch(model, strategy, params, rotaries, attentions, contracts, consistent_cache, changes)
     except BaseException:
         for change in reversed(changes):  # leave the model as it was
             change.undo()
@@ -146,7 +157,7 @@ def patch_rope(
     return changes
 
 
-def _patch(model, strategy, params, rotaries, attentions, consistent_cache, fused, changes):
+def _patch(model, strategy, params, rotaries, attentions, contracts, consistent_cache, changes):
     """The body of :func:`patch_rope`; appends to ``changes`` as it goes (for the rollback)."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -181,10 +192,12 @@ def _patch(model, strategy, params, rotaries, attentions, consistent_cache, fuse
             forward = types.MethodType(_rotary_forward, rotary)
             _set(rotary, "forward", forward, f"{prefix}forward -> llamazh", changes)
 
-    if fused or consistent_cache:
+    if contracts:  # fused rotary or consistent cache: llamazh's attention forward
         rotary = rotaries[0][1] if consistent_cache else None
-        for name, attention in attentions:
+        for (name, attention), contract in zip(attentions, contracts):
             _set(attention, "_llamazh_rotary", rotary, f"{name}: rotary", changes)
+            what = f"{name}: cache contract {contract.releases}"
+            _set(attention, "_llamazh_contract", contract, what, changes)
             forward = types.MethodType(_attention_forward, attention)
             _set(attention, "forward", forward, f"{name}.forward -> llamazh rotary", changes)
 
@@ -228,12 +241,16 @@ def _attention_forward(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | None = None,
-    past_key_values: Any = None,
+    cache: Any = None,
     **kwargs: Any,
 ):
-    """Llama-family attention with llamazh's rotary; attention itself is transformers' choice."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    """Llama-family attention with llamazh's rotary; attention itself is transformers' choice.
 
+    The 4th parameter is the KV cache under whichever name the replaced forward used
+    (``self._llamazh_contract``, checked when the patch was made).
+    """
+    contract = self._llamazh_contract
+    cache = contract.take_cache(cache, kwargs)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     q = self.q_proj(hidden_states).view(hidden_shape)  # (B, S, H, D)
@@ -246,22 +263,13 @@ def _attention_forward(
     )
     q = q.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D)
     k = (k if rotary is not None else k_rot).transpose(1, 2)  # (B, Hkv, S, D)
-    if past_key_values is not None:
-        if "cache_position" in kwargs:  # transformers < 5.2x passes rope tables to the cache
-            cache_kwargs = {"sin": sin, "cos": cos, "cache_position": kwargs["cache_position"]}
-            k, v = past_key_values.update(k, v, self.layer_idx, cache_kwargs)
-        else:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+    if cache is not None:
+        k, v = contract.update(cache, k, v, self.layer_idx, kwargs)
     if rotary is not None:
         k = _rotate_all_keys(k, rotary, kwargs.get("position_ids"), cos.shape[-1])
 
-    impl = self.config._attn_implementation
     eager = sys.modules[type(self).__module__].eager_attention_forward
-    get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
-    if get_interface is not None:
-        attention = get_interface(impl, eager)
-    else:
-        attention = eager if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+    attention = get_attention_function(self.config._attn_implementation, eager)
     if hasattr(self, "sliding_window"):  # Qwen2: per layer
         kwargs["sliding_window"] = self.sliding_window
     elif getattr(self.config, "sliding_window", None) is not None:  # Mistral

@@ -8,6 +8,8 @@ the backward. Masks and conventions: see ``flash_attn_common``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -160,14 +162,33 @@ def make_configs(pairs) -> list[triton.Config]:
     ]
 
 
+# environment variable: tune over at most this many configs (the first ones left after the
+# head-dim pruning, in list order); unset or 0 means all. Bounds compile + tuning time where a
+# run cannot afford it (benchmarks/gpu_suite.py sets 2); read each time a new shape is tuned.
+TUNE_CONFIGS_ENV = "LLAMAZH_TUNE_CONFIGS"
+
+
+def tune_cap() -> int:
+    """How many configs one autotuning may try (``LLAMAZH_TUNE_CONFIGS``; 0 = no cap)."""
+    raw = os.environ.get(TUNE_CONFIGS_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        raise ValueError(f"{TUNE_CONFIGS_ENV} must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
 def tile_pruner(rows: str, limit: int):
     """Drop configs whose ``rows`` block times the padded head dim exceeds ``limit`` elements
-    (fp32 accumulators that would spill registers); always keep the smallest config."""
+    (fp32 accumulators that would spill registers); always keep the smallest config. Then keep
+    at most :func:`tune_cap` of them."""
 
     def prune(configs, named_args, **kwargs):
         d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
         keep = [c for c in configs if c.kwargs[rows] * d <= limit]
-        return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        keep = keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        cap = tune_cap()
+        return keep[:cap] if cap else keep
 
     return prune
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from llamazh._checks import check_positive_int
 from llamazh.integrations.hf_cache import (
     accepts_logits_to_keep,
+    cache_kwargs,
     check_rollback_cache,
     crop_cache,
     new_dynamic_cache,
@@ -68,7 +69,7 @@ class ModelDrafter:
     """A draft causal LM (same tokenizer as the target) with its own rolled-back KV cache.
 
     Args:
-        model: a transformers causal LM (``model(input_ids, past_key_values=..., use_cache=True)``
+        model: a transformers causal LM (``model(input_ids, cache=..., use_cache=True)``
             returning ``.logits``) in eval mode.
         past_key_values: the cache to use (``None``: a new ``DynamicCache``); it must be
             croppable, and it is owned by the drafter from then on.
@@ -101,7 +102,7 @@ class ModelDrafter:
     def _feed(self, ids: Tensor) -> Tensor:
         """Run ``ids`` ``(1, m)`` after the cached positions -> logits of the last ``(1, V)``."""
         kwargs = {"logits_to_keep": 1} if self._keep_arg else {}
-        out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True, **kwargs)
+        out = self.model(input_ids=ids, **cache_kwargs(self.model, self._cache), **kwargs)
         self.forward_calls += 1
         self._tokens = torch.cat([self._tokens, ids[0]])
         return out.logits[:, -1]

@@ -18,6 +18,7 @@ from torch import Tensor
 from llamazh._checks import check_choice, check_positive_int
 from llamazh.integrations.hf_cache import (
     accepts_logits_to_keep,
+    cache_kwargs,
     cache_length,
     check_rollback_cache,
     crop_cache,
@@ -292,7 +293,7 @@ def speculative_generate(
         )
     if cached < prompt_len - 1:  # prefill everything but the last token; its logits come next
         kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(target) else {}
-        target(input_ids=input_ids[:, cached:-1], past_key_values=cache, use_cache=True, **kwargs)
+        target(input_ids=input_ids[:, cached:-1], **cache_kwargs(target, cache), **kwargs)
         out.target_forward_calls += 1
 
     seq = input_ids
@@ -308,7 +309,7 @@ def speculative_generate(
         drafts = proposal.tokens.to(device)[:, :k]  # (1, kd)
         kd = drafts.shape[1]
         block = torch.cat([seq[:, -1:], drafts], dim=1)  # (1, kd + 1)
-        logits = target(input_ids=block, past_key_values=cache, use_cache=True).logits
+        logits = target(input_ids=block, **cache_kwargs(target, cache)).logits
         out.target_forward_calls += 1
         scores = _process(
             logits[:, -(kd + 1) :],

@@ -10,6 +10,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from llamazh.tokenizer.merge import has_cjk
+
 #: Files of a Hugging Face tokenizer directory that describe settings, not the vocabulary;
 #: copied by :meth:`BPEExtension.save`. ``vocab.json``/``merges.txt``/``tokenizer.model`` are
 #: not: they would disagree with the extended ``tokenizer.json``.
@@ -57,6 +59,48 @@ def bytes_to_token(data: bytes) -> str:
     """The byte-level token string for ``data``."""
     to_char = byte_alphabet()[0]
     return "".join(to_char[b] for b in data)
+
+
+def text_of(piece: str) -> str:
+    """A pre-token's text (its bytes decoded; invalid bytes as U+FFFD)."""
+    data = token_bytes(piece)
+    return piece if data is None else data.decode("utf-8", "replace")
+
+
+def non_ascii_token(data: bytes) -> bool:
+    """Whether a token's bytes hold a non-ASCII byte (``scope="non_ascii"``)."""
+    return not data.isascii()
+
+
+# Lead bytes of 3-byte UTF-8 sequences for U+3000..U+9FFF (CJK punctuation, kana, ideographs)
+# and U+F000..U+FFFF (compatibility ideographs, full-width forms).
+_CJK_LEADS = frozenset([*range(0xE3, 0xEA), 0xEF])
+
+
+def cjk_token(data: bytes) -> bool:
+    """Whether a token's bytes hold a CJK character (:func:`has_cjk`) or may be a fragment of
+    one: continuation bytes only (a character's middle or tail), or ending inside a character
+    whose lead byte is a CJK one (``scope="cjk"``).
+
+    Example: ``cjk_token("中".encode()[:2]) is True``, ``cjk_token(";”".encode()) is False``.
+    """
+    i, n = 0, len(data)
+    while i < n and 0x80 <= data[i] < 0xC0:
+        i += 1
+    if i == n:
+        return n > 0  # continuation bytes only: the middle or tail of a multi-byte character
+    while i < n:
+        b0 = data[i]
+        size = 1 if b0 < 0x80 else 2 if b0 < 0xE0 else 3 if b0 < 0xF0 else 4
+        chunk = data[i : i + size]
+        if len(chunk) < size:  # the token ends inside a character: is it a CJK one?
+            if b0 in _CJK_LEADS:
+                return True
+            return b0 == 0xF0 and len(chunk) > 1 and 0xA0 <= chunk[1] < 0xC0
+        if has_cjk(chunk.decode("utf-8", "replace")):
+            return True
+        i += size
+    return False
 
 
 @dataclass(frozen=True)

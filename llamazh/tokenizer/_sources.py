@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llamazh.tokenizer._proto import BYTE, ModelProto, load_proto
@@ -41,6 +42,16 @@ def as_view(value: Any, name: str) -> TokenizerView:
         TypeError: ``value`` is none of those.
         ValueError: a path or bytes is not a SentencePiece model.
     """
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if path.is_dir() and (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        elif path.is_dir() and (path / "tokenizer.model").is_file():
+            value = path / "tokenizer.model"
+        if path.suffix == ".json" and path.is_file():
+            from tokenizers import Tokenizer
+
+            return as_view(Tokenizer.from_file(str(path)), name)
     if isinstance(value, (str, os.PathLike, bytes, bytearray, ModelProto)) or (
         hasattr(value, "proto") and isinstance(value.proto, ModelProto)
     ):

@@ -106,8 +106,9 @@ def encoding_efficiency(tokenizers: Any, texts: Any) -> EfficiencyReport:
         tokenizers: ``{name: tokenizer}`` or a list of tokenizers (named after the file stem,
             else ``tokenizer0``, ...). A tokenizer is a SentencePiece model (path, bytes,
             ``ModelProto``, ``MergeResult``, ``SentencePieceProcessor``, measured with
-            sentencepiece itself) or a Hugging Face fast tokenizer (``tokenizers.Tokenizer``
-            or a transformers tokenizer).
+            sentencepiece itself), a Hugging Face tokenizer (``tokenizers.Tokenizer``, a
+            transformers tokenizer, a tokenizer directory or ``tokenizer.json`` path) or a
+            :class:`BPEExtension`.
         texts: ``{name: list of strings or a path}`` or a list of paths (named by stem). A
             file is read as UTF-8, one text per non-empty line.
 

@@ -12,7 +12,9 @@ identical ids for the Llama-2 model and for ``merge_sentencepiece(..., scores="r
 models (no two mergeable pieces tie). A ``scores="seed"`` model gives thousands of new pieces
 the same score 0, and SentencePiece resolves them by position; no fixed rank order can (the
 pieces "AB" and "BA" alone force "ABA" -> AB|A and "BAB" -> BA|B). Its fast tokenizer is
-therefore only approximate, and :func:`export_hf_tokenizer` warns (:func:`tied_merge_pieces`).
+therefore only approximate; :func:`export_hf_tokenizer` exports such models for transformers'
+``SentencePieceBackend`` instead (sentencepiece itself behind ``AutoTokenizer``: exact ids), and
+warns if asked for the fast tokenizer anyway (:func:`tied_merge_pieces`).
 
 Not reproduced: USER_DEFINED pieces (sentencepiece matches them verbatim before BPE; Llama-2
 and merges of it have none) and normalizers other than identity (refused).
@@ -33,7 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from llamazh._atomic import atomic_dir
+from llamazh._checks import check_choice
 from llamazh.tokenizer._proto import BPE_TYPE, CONTROL, NORMAL, SPACE, UNKNOWN, load_proto
+
+#: ``backend`` values of :func:`export_hf_tokenizer`.
+EXPORT_BACKENDS = ("auto", "fast", "sentencepiece")
 
 
 def build_fast_tokenizer(model: Any) -> Any:
@@ -140,18 +146,30 @@ def export_hf_tokenizer(
     *,
     pad_token: str | None = None,
     chat_template: str | None = None,
+    backend: str = "auto",
     overwrite: bool = False,
 ) -> Path:
     """Write a Hugging Face tokenizer directory for a SentencePiece BPE model.
 
-    Files: ``tokenizer.model`` (the SentencePiece model itself), ``tokenizer.json`` (fast
-    tokenizer, see the module docstring for the merge order), ``tokenizer_config.json``
-    (``PreTrainedTokenizerFast``, BOS added, no EOS, no clean-up of spaces) and
-    ``special_tokens_map.json``. ``AutoTokenizer.from_pretrained(out_dir)`` then gives
-    ``[bos] + sentencepiece.encode(text)`` and decodes back to ``text``, exactly for models
-    without tied merge scores (Llama-2, ``scores="rank"`` merges); for ``scores="seed"``
-    merges only approximately (a ``UserWarning`` says so). Literal control-token text
-    (``"<s>"``) is read as the special token, as transformers does, not as characters.
+    ``backend`` chooses what ``AutoTokenizer.from_pretrained(out_dir)`` loads:
+
+    * ``"fast"``: ``tokenizer.model`` (the SentencePiece model itself), ``tokenizer.json``
+      (fast tokenizer, see the module docstring for the merge order), ``tokenizer_config.json``
+      (``PreTrainedTokenizerFast``, BOS added, no EOS, no clean-up of spaces) and
+      ``special_tokens_map.json``. It gives ``[bos] + sentencepiece.encode(text)`` and decodes
+      back to ``text``, exactly for models without tied merge scores (Llama-2,
+      ``scores="rank"`` merges); for tied ones (``scores="seed"``) only approximately (a
+      ``UserWarning`` says so).
+    * ``"sentencepiece"``: no ``tokenizer.json``; the configuration names transformers'
+      ``SentencePieceBackend`` (sentencepiece itself, the model's dummy prefix, BOS by
+      ``special_tokens_pattern="bos"``): ``[bos] + sentencepiece.encode(text)`` exactly for
+      every model, seed merges included. Its ``decode`` joins piece strings (byte-fallback
+      pieces come out as ``"<0xE4>"``, outer spaces are stripped): decode with
+      ``tok.sp_model.decode(ids)`` for the exact text.
+    * ``"auto"`` (default): ``"sentencepiece"`` when merge scores tie, else ``"fast"``.
+
+    Literal control-token text (``"<s>"``) is read as the special token, as transformers
+    does, not as characters.
 
     Args:
         model: path, bytes, ``ModelProto`` or :class:`MergeResult`.
@@ -160,6 +178,7 @@ def export_hf_tokenizer(
             ``<unused_N>`` piece from ``pad_to_multiple``), or ``None`` for no pad token.
             New strings are refused: they would grow the vocabulary past the embeddings.
         chat_template: a Jinja chat template stored in ``tokenizer_config.json``.
+        backend: one of :data:`EXPORT_BACKENDS`.
         overwrite: replace an existing ``out_dir``.
 
     Returns:
@@ -168,7 +187,7 @@ def export_hf_tokenizer(
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false (nothing is written).
         ValueError: ``model`` is not a usable SentencePiece BPE model; ``pad_token`` is not
-            one of its pieces.
+            one of its pieces; ``backend`` is unknown.
 
     Example:
         >>> merged = merge_sentencepiece("llama2.model", "zh.model", scores="rank")
@@ -191,8 +210,11 @@ def export_hf_tokenizer(
             f"pad_token={pad_token!r} is not a piece of the model; use an existing piece such "
             "as '<unk>', or merge with pad_to_multiple and use an '<unused_N>' piece"
         )
+    check_choice("backend", backend, EXPORT_BACKENDS)
     tied = tied_merge_pieces(proto)
-    if tied:
+    if backend == "auto":
+        backend = "sentencepiece" if tied else "fast"
+    if tied and backend == "fast":
         warnings.warn(
             f"{tied} mergeable pieces share a score (a scores='seed' merge?): SentencePiece "
             "breaks those ties by position, which the fast tokenizer.json cannot reproduce, so "
@@ -201,7 +223,6 @@ def export_hf_tokenizer(
             UserWarning,
             stacklevel=2,
         )
-    tok = build_fast_tokenizer(proto)
     spec = proto.trainer_spec
 
     def piece(index: int) -> str | None:
@@ -214,8 +235,6 @@ def export_hf_tokenizer(
         "pad_token": pad_token if pad_token is not None else piece(spec.pad_id),
     }
     special = {k: v for k, v in special.items() if v is not None}
-    if "pad_token" in special:
-        tok.add_special_tokens([AddedToken(special["pad_token"], normalized=False, special=True)])
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": "bos_token" in special,
@@ -226,9 +245,22 @@ def export_hf_tokenizer(
     }
     if chat_template is not None:
         config["chat_template"] = chat_template
+    tok = None
+    if backend == "fast":
+        tok = build_fast_tokenizer(proto)
+        if "pad_token" in special:
+            pad = AddedToken(special["pad_token"], normalized=False, special=True)
+            tok.add_special_tokens([pad])
+    else:
+        # transformers' SentencePieceBackend runs sentencepiece itself (legacy: the model's own
+        # dummy prefix) and adds BOS by its special_tokens_pattern.
+        config["tokenizer_class"] = "SentencePieceBackend"
+        config["legacy"] = True
+        config["special_tokens_pattern"] = "bos" if "bos_token" in special else "none"
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "tokenizer.model").write_bytes(proto.SerializeToString())
-        tok.save(str(tmp / "tokenizer.json"))
+        if tok is not None:
+            tok.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", config)
         _write_json(tmp / "special_tokens_map.json", special)
     return out

@@ -178,10 +178,13 @@ def merge_sentencepiece(
             skipped_filtered += 1
             continue
         new = merged.pieces.add()
-        new.piece, new.type = piece.piece, NORMAL
+        new.piece = piece.piece
         if scores == "seed":
+            # As Chinese-LLaMA's script: the score set (to 0), the type left at its default
+            # (NORMAL, so not serialized): the merged file is byte for byte theirs.
             new.score = 0.0
         else:
+            new.type = NORMAL
             score = np.nextafter(score, np.float32(-np.inf), dtype=np.float32)
             new.score = float(score)
         present.add(piece.piece)

@@ -30,7 +30,9 @@ def resize_embeddings(
 
     * ``"subword_mean"`` (default): the mean of the *old* rows of the pieces the old
       tokenizer splits the new piece's text into (bytes included, as the old model saw it);
-      pieces without text (control, unused padding) get the ``"mean"`` row.
+      pieces without text (control, unused padding) get the ``"mean"`` row. For byte-level
+      BPE (:func:`extend_bpe`) the old model splits the new token's *bytes*, so tokens that
+      are not whole characters (partial UTF-8) get their byte pieces' mean too.
     * ``"mean"``: the mean of all old rows.
     * ``"normal"``: i.i.d. ``N(0, initializer_range**2)`` (the model config's value, 0.02 if
       absent), what a freshly built model would hold; drawn from ``generator``.
@@ -46,8 +48,9 @@ def resize_embeddings(
     Args:
         model: a transformers model (``get_input_embeddings``/``get_output_embeddings``).
         old_tokenizer: the tokenizer the model was trained with (SentencePiece model or HF
-            fast tokenizer).
-        new_tokenizer: the extended tokenizer (same kinds, or a ``MergeResult``).
+            fast tokenizer, e.g. a byte-level BPE directory).
+        new_tokenizer: the extended tokenizer (same kinds, a ``MergeResult`` or a
+            ``BPEExtension``).
         init: one of :data:`RESIZE_INITS`, for the input embedding rows.
         head_init: one of :data:`RESIZE_INITS` for the lm_head rows, or ``None`` (``init``,
             ``"mean"`` for ``"subword_mean"``). Must be ``None`` or ``init`` when tied.
@@ -128,9 +131,22 @@ def _new_row_sources(old: Any, new: Any, init: str) -> list[list[int] | None]:
         return [None] * (n_new - n_old)
     split = piece_splitter(old)
     usable = _textual(new, n_old)
+    added = _added_texts(new)  # added tokens match raw text: the old tokenizer encodes it
     return [
-        split(new.pieces[i]) or None if usable[i - n_old] else None for i in range(n_old, n_new)
+        (old.encode([added[i]])[0] if i in added else split(new.pieces[i])) or None
+        if usable[i - n_old]
+        else None
+        for i in range(n_old, n_new)
     ]
+
+
+def _added_texts(view: Any) -> dict[int, str]:
+    """Id -> text of a Hugging Face tokenizer's added (non-special) tokens, e.g. ``add_tokens``."""
+    if view.kind != "hf":
+        return {}
+    backend = getattr(view.obj, "backend_tokenizer", view.obj)
+    decoder = getattr(backend, "get_added_tokens_decoder", lambda: {})()
+    return {i: t.content for i, t in decoder.items() if not t.special}
 
 
 def _textual(view: Any, start: int) -> list[bool]:

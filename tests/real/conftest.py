@@ -8,6 +8,7 @@ and the install command. The model is loaded once per session; destructive tests
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 
@@ -19,9 +20,19 @@ def _reason() -> str | None:
     return None if ok else why
 
 
-requires_smollm2 = pytest.mark.skipif(
-    _reason() is not None, reason=_reason() or "SmolLM2 is available"
-)
+_WHY = _reason()
+#: ``@requires_smollm2`` skips a test, with the install command as the reason, without the model.
+requires_smollm2 = pytest.mark.skipif(_WHY is not None, reason=_WHY or "SmolLM2 is available")
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test under tests/real needs the model: skip them all at once when it is absent."""
+    if _WHY is None:
+        return
+    for item in items:
+        if _HERE in Path(str(item.path)).parents:
+            item.add_marker(requires_smollm2)
 
 
 @pytest.fixture(autouse=True, scope="session")

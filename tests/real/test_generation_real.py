@@ -75,22 +75,12 @@ def test_patched_cached_equals_uncached(smollm2, prompt, name):
     assert model.config.rope_parameters == {"rope_theta": 100000.0, "rope_type": "default"}
 
 
-def _cache_kwargs(model, cache) -> dict:
-    """The cache keyword of model.forward (``cache`` from transformers 5.24, else the old name)."""
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
-
-
-def _output_cache(out):
-    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-
-
 def _stepped_last_logits(model, ids, prefill: int):
+    from llamazh.integrations.hf_compat import cache_kwargs, output_cache
+
     out = model(ids[:, :prefill], use_cache=True)
     for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], use_cache=True, **_cache_kwargs(model, _output_cache(out)))
+        out = model(ids[:, t : t + 1], **cache_kwargs(model, output_cache(out)))
     return out.logits[:, -1]
 
 

@@ -67,11 +67,6 @@ def test_resize_keeps_the_model_tied_and_its_rows(smollm2_copy, smollm2, extende
     assert torch.isfinite(weight[new_ids]).all()
 
 
-@pytest.mark.xfail(
-    reason="llamazh.tokenizer's piece_splitter runs the byte-level BPE model on an added "
-    "token's raw text, finds no pieces and falls back to the global mean",
-    strict=False,
-)
 def test_added_tokens_get_their_subword_mean(smollm2_copy, smollm2, extended_tokenizer):
     model, tokenizer = smollm2_copy
     before = smollm2[0].get_input_embeddings().weight

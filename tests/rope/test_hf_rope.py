@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import llamazh
+from llamazh.integrations.hf_compat import cache_kwargs, output_cache
 from llamazh.integrations.hf_rope import from_pretrained, patch_rope, strategy_of
 from llamazh.rope import (
     AdaptiveNTKScaling,
@@ -113,10 +114,10 @@ def test_generation_with_cache(strategy):
 def _decode_last_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     """Prefill ``prefill`` tokens, then feed the rest one by one through the KV cache."""
     out = model(ids[:, :prefill], use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, t : t + 1], **cache_kwargs(model, cache))
+        cache = output_cache(out)
     return out.logits[:, -1]
 
 

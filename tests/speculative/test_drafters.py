@@ -7,7 +7,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llamazh.integrations.hf_cache import cache_length, crop_cache, new_dynamic_cache
+from llamazh.integrations.hf_cache import (
+    cache_kwargs,
+    cache_length,
+    crop_cache,
+    new_dynamic_cache,
+)
 from llamazh.sampling import SamplingConfig
 from llamazh.speculative import ModelDrafter, PromptLookupDrafter, common_prefix_length
 from llamazh.testing import assert_close, tiny_llama
@@ -28,11 +33,11 @@ def test_rollback_gives_the_logits_of_a_fresh_computation(prefix, wrong, right, 
     rejected = torch.randint(0, 256, (1, wrong), generator=gen)
     with torch.no_grad():
         cache = new_dynamic_cache(model)
-        model(ids[:, :prefix], past_key_values=cache, use_cache=True)
-        model(rejected, past_key_values=cache, use_cache=True)  # drafts that get rejected
+        model(ids[:, :prefix], **cache_kwargs(model, cache))
+        model(rejected, **cache_kwargs(model, cache))  # drafts that get rejected
         crop_cache(cache, prefix)
         assert cache_length(cache) == prefix
-        rolled = model(ids[:, prefix:], past_key_values=cache, use_cache=True).logits
+        rolled = model(ids[:, prefix:], **cache_kwargs(model, cache)).logits
         fresh = model(ids).logits[:, prefix:]
         reference = model.double()(ids).logits[:, prefix:]
     assert_close(rolled, reference, fresh, name="logits after rollback")
@@ -42,7 +47,7 @@ def test_crop_cache_refuses_to_grow():
     model = tiny_llama(0)
     cache = new_dynamic_cache(model)
     with torch.no_grad():
-        model(torch.tensor([[3, 4, 5]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[3, 4, 5]]), **cache_kwargs(model, cache))
     with pytest.raises(ValueError, match="length=5"):
         crop_cache(cache, 5)
     crop_cache(cache, 3)  # no-op, never crop(0)

@@ -207,12 +207,32 @@ def test_bad_prompts(pair):
         speculative_generate(target, "draft", _prompt(0, 3), max_new_tokens=4)
 
 
-def test_static_cache_is_refused(pair):
+def test_static_cache_follows_is_croppable(pair, hf_greedy):
+    """A StaticCache cannot be rolled back up to transformers 5.23 (refused, named) and can from
+    5.24 (then the output is the target's greedy output): decided by the cache's own
+    ``is_croppable``, never by a version."""
     from transformers import StaticCache
 
     target, draft = pair
     cache = StaticCache(config=target.config, max_cache_len=32)
-    with pytest.raises(ValueError, match=r"StaticCache.*cannot be rolled back"):
+    prompt = _prompt(0, 3)
+    if not cache.is_croppable:
+        with pytest.raises(ValueError, match=r"StaticCache.*cannot be rolled back"):
+            speculative_generate(target, draft, prompt, max_new_tokens=4, past_key_values=cache)
+        return
+    out = speculative_generate(target, draft, prompt, max_new_tokens=12, past_key_values=cache)
+    assert torch.equal(out.sequences, hf_greedy(target, prompt, 12))
+
+
+def test_uncroppable_cache_is_refused(pair):
+    from transformers import DynamicCache
+
+    class Frozen(DynamicCache):
+        is_croppable = False  # e.g. quantized layers: positions cannot be dropped
+
+    target, draft = pair
+    cache = Frozen(config=target.config)
+    with pytest.raises(ValueError, match=r"Frozen.*cannot be rolled back"):
         speculative_generate(target, draft, _prompt(0, 3), max_new_tokens=4, past_key_values=cache)
 
 

@@ -292,3 +292,13 @@ def test_save_refuses_existing_and_is_atomic(bpe_extensions, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         broken.save(tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+
+def test_cjk_token_rule():
+    from llamazh.tokenizer._bytelevel import cjk_token
+
+    yes = ["中".encode()[:2], "中".encode()[1:], "你好".encode(), "a中".encode(), "，".encode()]
+    yes += ["\U00020000".encode()[:2], b"ab" + "中".encode()[:1]]
+    no = [b"a", ";”".encode(), " “&".encode(), "😀".encode()[:2], "é".encode(), b""]
+    assert [cjk_token(x) for x in yes] == [True] * len(yes)
+    assert [cjk_token(x) for x in no] == [False] * len(no)

@@ -49,3 +49,42 @@ def test_bad_arguments(llama2_model_path, tmp_path):
         encoding_efficiency({"t": object()}, {"x": ["a"]})
     with pytest.raises(FileNotFoundError, match="is not an existing file"):
         encoding_efficiency([llama2_model_path], [tmp_path / "none.txt"])
+
+
+def test_byte_level_bpe_kinds(bpe_extensions, smollm2_dir, tmp_path):
+    """A BPEExtension, a tokenizer directory, a tokenizer.json path, a tokenizers.Tokenizer
+    and a transformers tokenizer measure alike."""
+    from transformers import AutoTokenizer
+
+    ext = bpe_extensions["smollm2"]
+    out = ext.save(tmp_path / "ext")
+    texts = {"zh": ["深度学习模型", "你好，世界 and English"]}
+    kinds = {
+        "ext": ext,
+        "dir": out,
+        "json": out / "tokenizer.json",
+        "tokenizer": ext.tokenizer,
+        "hf": AutoTokenizer.from_pretrained(str(out)),
+    }
+    d = encoding_efficiency(kinds, texts).as_dict()
+    assert len({d[k]["zh"]["tokens"] for k in kinds}) == 1
+    base = encoding_efficiency({"base": smollm2_dir}, texts).as_dict()["base"]["zh"]["tokens"]
+    assert d["ext"]["zh"]["tokens"] < base
+
+
+def test_held_out_split():
+    from llamazh.tokenizer import CJK_HEAVY, chinese_held_out_split, cjk_share
+
+    assert cjk_share("深度学习 is") == 4 / 7 and cjk_share("") == 0.0 and CJK_HEAVY == 0.3
+    split = chinese_held_out_split()
+    held = split.held_out
+    assert {k: len(v) for k, v in held.items()} == {
+        "zh_d2l": 258,
+        "zh_classical": 2000,
+        "en_d2l": 4444,
+    }
+    # by position: every other line trains (the corpora repeat a few lines verbatim)
+    assert len(split.train) == (5615 - 258) + (13918 - 2000) == 17275
+    assert "17275 training lines" in str(split)
+    assert all(cjk_share(line) >= 0.3 for line in held["zh_d2l"])
+    assert split.train[-1] != held["zh_classical"][-1]

@@ -1,7 +1,9 @@
 """The exported Hugging Face tokenizer against sentencepiece itself.
 
-Exact (ids and round trip) for Llama-2 and for scores="rank" merges, on every corpus line and
-on drawn text; for scores="seed" merges only the round trip is promised (see export.py).
+Exact (ids and round trip) for Llama-2 and for scores="rank" merges (fast tokenizer.json), on
+every corpus line and on drawn text. scores="seed" merges: exact ids through transformers'
+SentencePieceBackend (the default export for tied scores); their fast export only round-trips
+(see export.py).
 """
 
 from __future__ import annotations
@@ -31,14 +33,15 @@ def exported(tmp_path_factory, llama2_model_path, merged_rank, merged_seed):
     """name -> (HF tokenizer, sentencepiece processor)."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
-    for name, model in [
-        ("llama2", llama2_model_path),
-        ("rank", merged_rank),
-        ("seed", merged_seed),
+    for name, model, backend in [
+        ("llama2", llama2_model_path, "auto"),
+        ("rank", merged_rank, "auto"),
+        ("seed", merged_seed, "auto"),
+        ("seed-fast", merged_seed, "fast"),
     ]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            path = export_hf_tokenizer(model, root / name)
+            path = export_hf_tokenizer(model, root / name, backend=backend)
         proto = load_proto(model, "model")
         out[name] = (_load(path), spm.SentencePieceProcessor(model_proto=proto.SerializeToString()))
     return out
@@ -51,27 +54,31 @@ def _agree(hf, sp, texts):
     return bad, got
 
 
-@pytest.mark.parametrize("name", ["llama2", "rank"])
+@pytest.mark.parametrize("name", ["llama2", "rank", "seed"])
 @pytest.mark.parametrize("corpus", ["zh_d2l", "en_d2l", "zh_classical"])
 def test_exact_on_every_corpus_line(exported, corpus_lines, name, corpus):
     hf, sp = exported[name]
     lines = corpus_lines[corpus]
     bad, got = _agree(hf, sp, lines)
     assert not bad, f"{len(bad)} of {len(lines)} lines differ, first: {bad[0]}"
-    decoded = hf.batch_decode(got, skip_special_tokens=True)
+    if name == "seed":  # SentencePieceBackend joins piece strings; its sp_model decodes
+        assert type(hf).__name__ == "SentencePieceBackend"
+        decoded = [hf.sp_model.decode(ids) for ids in got]
+    else:
+        decoded = hf.batch_decode(got, skip_special_tokens=True)
     assert [i for i, (d, x) in enumerate(zip(decoded, lines)) if d != x] == []
 
 
 @pytest.mark.parametrize("corpus", ["zh_d2l", "en_d2l", "zh_classical"])
 def test_seed_export_round_trips(exported, corpus_lines, corpus):
-    hf, sp = exported["seed"]
+    hf, sp = exported["seed-fast"]
     lines = corpus_lines[corpus]
     decoded = hf.batch_decode(hf(lines).input_ids, skip_special_tokens=True)
     assert decoded == lines
     assert [sp.decode(ids) for ids in sp.encode(lines)] == lines
 
 
-@pytest.mark.parametrize("name", ["llama2", "rank"])
+@pytest.mark.parametrize("name", ["llama2", "rank", "seed"])
 @given(data=st.data())
 def test_exact_on_drawn_text(exported, mixed_text, pieces_text, name, data):
     hf, sp = exported[name]
@@ -81,12 +88,15 @@ def test_exact_on_drawn_text(exported, mixed_text, pieces_text, name, data):
     assume(not any(s in t for t in texts for s in SPECIAL_TEXT))
     bad, got = _agree(hf, sp, texts)
     assert not bad
-    assert hf.batch_decode(got, skip_special_tokens=True) == texts
+    if name == "seed":
+        assert [hf.sp_model.decode(ids) for ids in got] == texts
+    else:
+        assert hf.batch_decode(got, skip_special_tokens=True) == texts
 
 
 @given(data=st.data())
 def test_seed_round_trip_on_drawn_text(exported, mixed_text, pieces_text, data):
-    hf, sp = exported["seed"]
+    hf, sp = exported["seed-fast"]
     text = data.draw(mixed_text) + data.draw(
         pieces_text(load_proto(sp.serialized_model_proto(), "m"))
     )
@@ -106,7 +116,37 @@ def test_seed_ties_are_reported(merged_seed, merged_rank, llama2_model_path, tmp
     assert tied_merge_pieces(merged_rank) == 0
     assert tied_merge_pieces(merged_seed) > 0
     with pytest.warns(UserWarning, match="scores='rank'"):
-        export_hf_tokenizer(merged_seed, tmp_path / "seed")
+        export_hf_tokenizer(merged_seed, tmp_path / "seed", backend="fast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = export_hf_tokenizer(merged_seed, tmp_path / "auto")  # sentencepiece: exact
+    assert sorted(p.name for p in out.iterdir()) == [
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["tokenizer_class"] == "SentencePieceBackend"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        export_hf_tokenizer(merged_seed, tmp_path / "x", backend="slow")
+    assert not (tmp_path / "x").exists()
+
+
+def test_published_seed_merge_exports_exactly(llama2_model_path, corpus_lines, tmp_path):
+    """Chinese-LLaMA's 49,953 pieces behind AutoTokenizer: sentencepiece's ids on every
+    zh_d2l line (its fast export differs on about one line in ten)."""
+    from pathlib import Path
+
+    from llamazh.tokenizer import merge_sentencepiece
+
+    extra = Path(__file__).resolve().parent.parent / "fixtures/chinese_llama/chinese_sp.model"
+    merged = merge_sentencepiece(llama2_model_path, extra, scores="seed")
+    hf = _load(export_hf_tokenizer(merged, tmp_path / "published", pad_token="<unk>"))
+    sp = spm.SentencePieceProcessor(model_proto=merged.proto.SerializeToString())
+    lines = corpus_lines["zh_d2l"]
+    bad, _ = _agree(hf, sp, lines)
+    assert not bad, f"{len(bad)} of {len(lines)} lines differ"
+    assert len(hf) == 49953 and (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 0)
 
 
 def test_directory_contents(merged_rank, tmp_path):

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -187,23 +190,42 @@ def test_seed_is_the_original_procedure(llama2_model_path, zh_model_path, merged
     ]
 
 
+CHINESE_LLAMA = Path(__file__).resolve().parent.parent / "fixtures" / "chinese_llama"
+
+
 def test_published_chinese_llama_vocabulary(llama2_model_path):
-    """Llama + Chinese-LLaMA's chinese_sp.model = their 49,953 pieces, piece for piece.
-
-    The published models are not bundled (licence); put ``chinese_sp.model`` (and, for the
-    piece-for-piece check, their merged ``chinese_llama.model``) under data/tokenizers/.
-    """
-    from llamazh.testing import data_path
-
-    extra = data_path("tokenizers/chinese_sp.model")
-    if extra is None:
-        pytest.skip("data/tokenizers/chinese_sp.model (Chinese-LLaMA's) is not in this checkout")
+    """Llama + Chinese-LLaMA's chinese_sp.model = their published 49,953-piece model, byte for
+    byte (its sha256 begins e2676d4ca29ca175; the file itself is not bundled)."""
+    extra = CHINESE_LLAMA / "chinese_sp.model"
     result = merge_sentencepiece(llama2_model_path, extra, scores="seed")
     assert (result.final_size, len(result.added)) == (49953, 17953)
     assert result.skipped_present + result.skipped_special == 20000 - 17953
-    published = data_path("tokenizers/chinese_llama.model")
-    if published is not None:
-        want = load_proto(published, "published")
-        assert [(p.piece, p.score, p.type) for p in result.proto.pieces] == [
-            (p.piece, p.score, p.type) for p in want.pieces
-        ]
+    data = result.proto.SerializeToString()
+    assert len(data) == 757_958
+    assert hashlib.sha256(data).hexdigest().startswith("e2676d4ca29ca175")
+    # the published script, restated, writes the same bytes
+    assert _original_chinese_llama_merge(llama2_model_path, extra).SerializeToString() == data
+
+
+def test_published_chinese_llama2_vocabulary(llama2_model_path, corpus_path):
+    """Chinese-LLaMA-2's 55,296 pieces: Llama-2's 32,000 unchanged, <pad> at 32000, then
+    23,295 Chinese pieces, all score 0; 0.69x Llama-2's tokens on zh_d2l (NOTES.md)."""
+    from llamazh.tokenizer import encoding_efficiency
+
+    v2 = load_proto(CHINESE_LLAMA / "chinese_llama2_tokenizer.model", "v2")
+    llama2 = load_proto(llama2_model_path, "llama2")
+    assert len(v2.pieces) == 55296 == 432 * 128
+    assert [(p.piece, p.score, p.type) for p in v2.pieces[:32000]] == [
+        (p.piece, p.score, p.type) for p in llama2.pieces
+    ]
+    assert v2.pieces[32000].piece == "<pad>"
+    assert all(p.score == 0 and p.type == NORMAL for p in v2.pieces[32001:])
+    assert len(v2.pieces[32001:]) == 23295
+    report = encoding_efficiency(
+        {"llama2": llama2_model_path, "v2": v2}, [corpus_path("zh_d2l.txt")]
+    )
+    # NOTES.md counts slightly differently (0.462 and 0.319); the ratio is the same, 0.69
+    assert 0.44 < report.get("llama2", "zh_d2l").tokens_per_char < 0.47
+    assert 0.30 < report.get("v2", "zh_d2l").tokens_per_char < 0.32
+    assert report.as_dict()["v2"]["zh_d2l"]["relative_tokens"] == pytest.approx(0.69, abs=0.01)
+    assert report.get("v2", "zh_d2l").byte_fallback_rate < 1e-4  # Llama-2: 22.6%
