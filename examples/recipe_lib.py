@@ -3,7 +3,6 @@ bits per character, chat generation, timing, plots. Nothing here is Chinese-LLaM
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -64,13 +63,6 @@ class Run:
             os.replace(tmp, done)
         self.summary[name] = metrics
         return metrics
-
-
-def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    """The keyword that passes a KV cache to ``model``'s forward (transformers 5.24 renamed
-    ``past_key_values`` to ``cache``). The one place the recipe looks at the name."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
 
 
 def to_blocks(
