@@ -185,7 +185,8 @@ def summary_rows(s: dict) -> list[dict]:
     return [
         {"step": "1 base SmolLM2", "s": base["seconds"],
          "result": f"bits/char zh {base['bpc_zh']:.3f}, en {base['bpc_en']:.3f}; Chinese "
-                   f"generation {base['zh_chars_per_s']:.1f} chars/s"},
+                   f"generation {base['zh_chars_per_s']:.1f} chars/s "
+                   f"({base['zh_cjk_per_s']:.1f} CJK)"},
         {"step": "2 vocabulary", "s": vocab["seconds"],
          "result": f"{vocab['vocab_size']:,} tokens; tokens/char zh_d2l "
                    f"{vocab['tpc_zh_d2l_base']:.3f} -> {vocab['tpc_zh_d2l_ext']:.3f}, classical "
@@ -205,7 +206,8 @@ def summary_rows(s: dict) -> list[dict]:
         {"step": "6 merge + stock load", "s": s["06_merge"]["seconds"],
          "result": f"max |logit diff| {s['06_merge']['max_logit_diff']:.1e}; Chinese "
                    f"generation {base['zh_chars_per_s']:.1f} -> "
-                   f"{s['06_merge']['zh_chars_per_s']:.1f} chars/s"},
+                   f"{s['06_merge']['zh_chars_per_s']:.1f} chars/s (CJK "
+                   f"{base['zh_cjk_per_s']:.1f} -> {s['06_merge']['zh_cjk_per_s']:.1f})"},
         {"step": "7 speculative (greedy)", "s": spec["seconds"],
          "result": f"over generate: draft {sp['llamazh draft']:.2f}x (transformers "
                    f"{sp['transformers assisted']:.2f}x), prompt lookup "

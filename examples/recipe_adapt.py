@@ -26,7 +26,7 @@ from recipe_lib import (
 
 from llamazh.pretrained import load_smollm2, smollm2_dir
 from llamazh.templates import get_template
-from llamazh.tokenizer import extend_bpe, resize_embeddings
+from llamazh.tokenizer import cjk_share, extend_bpe, resize_embeddings
 from llamazh.training import (
     CausalLMCollator,
     merge_adapters,
@@ -105,14 +105,16 @@ def answers(model: Any, tokenizer: Any, n_tokens: int) -> dict[str, str]:
     return {q: chat(model, tokenizer, template, q, n_tokens)[0] for q in EN_PROMPTS + ZH_PROMPTS}
 
 
-def zh_chars_per_second(model: Any, tokenizer: Any, n_tokens: int) -> float:
-    """Characters per second of greedy Chinese generation (exactly ``n_tokens`` each)."""
+def zh_chars_per_second(model: Any, tokenizer: Any, n_tokens: int) -> tuple[float, float]:
+    """Greedy Chinese generation (exactly ``n_tokens`` a prompt): decoded characters per
+    second, and CJK ideographs per second (broken bytes decode to U+FFFD, which is no text)."""
     template = get_template(TEMPLATE)
-    chars = seconds = 0.0
+    chars = cjk = seconds = 0.0
     for q in ZH_PROMPTS:
         text, s, _ = chat(model, tokenizer, template, q, n_tokens, until_eos=False)
         chars, seconds = chars + len(text), seconds + s
-    return chars / seconds
+        cjk += round(cjk_share(text) * len(text))
+    return chars / seconds, cjk / seconds
 
 
 def check_extends(base: Any, extended: Any, model: Any) -> None:
@@ -145,9 +147,11 @@ def step_base(c: Context) -> dict:
         said = answers(model, tokenizer, s.answer_tokens)
         for q, a in said.items():
             print(f"  {q}\n    -> {a!r}")
-        speed = zh_chars_per_second(model, tokenizer, s.speed_tokens)
-        print(f"  Chinese generation: {speed:.1f} characters/s ({s.speed_tokens} tokens a prompt)")
-        return {"bpc_zh": bpc["zh"], "bpc_en": bpc["en"], "answers": said, "zh_chars_per_s": speed}
+        speed, cjk = zh_chars_per_second(model, tokenizer, s.speed_tokens)
+        print(f"  Chinese generation: {speed:.1f} characters/s, of which {cjk:.1f} CJK "
+              f"({s.speed_tokens} tokens a prompt)")  # fmt: skip
+        return {"bpc_zh": bpc["zh"], "bpc_en": bpc["en"], "answers": said,
+                "zh_chars_per_s": speed, "zh_cjk_per_s": cjk}  # fmt: skip
 
     return c.run.step("01_base", "1. The base model: bits per character and answers", run)
 

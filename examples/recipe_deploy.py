@@ -115,8 +115,9 @@ def step_merge(c: Context) -> dict:
             diff = (stock(ids).logits - reference(ids).logits).abs().max().item()
         del reference
         said = answers(stock, tokenizer, s.answer_tokens)
-        speed = zh_chars_per_second(stock, tokenizer, s.speed_tokens)
+        speed, cjk = zh_chars_per_second(stock, tokenizer, s.speed_tokens)
         before = c.run.summary["01_base"]["zh_chars_per_s"]
+        cjk_before = c.run.summary["01_base"]["zh_cjk_per_s"]
         print(
             f"  wrote {out} ({sum(1 for _ in out.iterdir())} files); stock from_pretrained "
             f"vs unmerged adapters: max |logit diff| {diff:.2e}"
@@ -124,8 +125,10 @@ def step_merge(c: Context) -> dict:
         for q, a in said.items():
             print(f"  {q}\n    -> {a!r}")
         print(f"  Chinese generation: {before:.1f} -> {speed:.1f} characters/s "
-              f"({speed / before:.2f}x; {s.speed_tokens} tokens a prompt)")  # fmt: skip
-        return {"max_logit_diff": diff, "answers": said, "zh_chars_per_s": speed}
+              f"({speed / before:.2f}x), CJK ideographs {cjk_before:.1f} -> {cjk:.1f}/s "
+              f"({s.speed_tokens} tokens a prompt)")  # fmt: skip
+        return {"max_logit_diff": diff, "answers": said, "zh_chars_per_s": speed,
+                "zh_cjk_per_s": cjk}  # fmt: skip
 
     return c.run.step("06_merge", "6. Merge into a standalone model, load it stock", run)
 
