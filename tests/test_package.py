@@ -64,7 +64,8 @@ def test_lowest_constraints_agree_with_pyproject():
     if not constraints.is_file():
         pytest.skip(".ci/constraints-lowest.txt is not in this checkout")
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["test"]
+    extras = project["optional-dependencies"]
+    requirements = project["dependencies"] + [r for group in extras.values() for r in group]
     lower = {}
     for requirement in requirements:
         match = re.match(r"^([A-Za-z0-9_.-]+)(?:\[.*\])?.*?>=\s*([0-9][^,;\s]*)", requirement)
