@@ -29,11 +29,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llamazh._atomic import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -287,21 +287,10 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     with _locked(model_dir.parent / f".{model_dir.name}.lock"):
         if _cache_valid(model_dir):  # another process converted while we waited
             return model_dir
-        model_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{model_dir.name}-", dir=model_dir.parent))
-        try:
+        # stale directories (another GGUF, an older format, a foreign one) are replaced whole
+        with atomic_dir(model_dir, overwrite=True) as tmp:
             _convert(gguf, tmp)
             _publish_mode(tmp)
-            if model_dir.exists():  # stale: another GGUF, older format or a foreign directory
-                old = Path(tempfile.mkdtemp(prefix=f".old-{model_dir.name}-", dir=model_dir.parent))
-                model_dir.rename(old / model_dir.name)
-                tmp.rename(model_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(model_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return model_dir
 
 
