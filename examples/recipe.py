@@ -94,9 +94,9 @@ class Sizes:
 FULL = Sizes(
     eval_chars=3000, curve_chars=800, answer_tokens=40, speed_tokens=48,
     vocab_line_stride=1, new_tokens=20000, efficiency_lines=2000,
-    cpt_lines=6000, block=256, batch=4, cpt_cpu_s=480, cpt_max_steps=None,
+    cpt_lines=6000, block=256, batch=4, cpt_cpu_s=240, cpt_max_steps=None,
     lora_rank=16, lora_lr=1e-3, rows_lr=2e-3,
-    sft_len=192, sft_records=1200, sft_held=40, sft_lr=1e-3, sft_cpu_s=240, sft_max_steps=None,
+    sft_len=192, sft_records=1200, sft_held=40, sft_lr=1e-3, sft_cpu_s=120, sft_max_steps=None,
     long_original=512, long_windows=1,
     draft_layers=4, draft_lines=2000, draft_block=128, draft_lr=1e-3, draft_cpu_s=240,
     draft_max_steps=None,
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="multiply the training budgets (CPU seconds) of the full run, e.g. 0.5 on a busy "
-        "machine; the defaults take about 20 minutes on 2 idle cores",
+        "machine, 2 for a longer run; the defaults take about 17 minutes on 2 cores",
     )
     parser.add_argument(
         "--tokenizer", type=Path, help="an extended tokenizer directory to use instead of step 2's"
