@@ -53,6 +53,19 @@ def _time_attention(ctx: Ctx, fn, args: tuple, mode: str) -> float:
     return ctx.time_ms(lambda: torch.autograd.grad(fn(*args), leaves, dout))
 
 
+def _record_tflops(ctx: Ctx, case: str, name: str, fn, args: tuple, mode: str, flop_fwd, **params):
+    """Time ``fn(*args)`` in ``mode`` and add a TFLOP/s row (``flop_fwd``: forward FLOPs; a
+    backward costs 2.5 forwards), or a failed row with the exception."""
+    try:
+        ms = _time_attention(ctx, fn, args, mode)
+        fl = flop_fwd * (3.5 if mode == "fwd_bwd" else 1.0)
+        ctx.add(
+            case, name, "TFLOP/s", fl / ms / 1e9, "TFLOP/s", ms=round(ms, 4), mode=mode, **params
+        )
+    except Exception as exc:
+        ctx.failed(case, name, "TFLOP/s", "TFLOP/s", exc, mode=mode, **params)
+
+
 def part_attention(ctx: Ctx) -> None:
     bench = load_bench("attention")
     provs = _providers(ctx)
@@ -150,21 +163,7 @@ def part_attention_masks(ctx: Ctx) -> None:
             for name, fn, args, n_pairs in provs:
                 if ctx.expired(f"{case} {name}"):
                     return
-                try:
-                    ms = _time_attention(ctx, fn, args, mode)
-                    fl = 4.0 * h * d * n_pairs * (3.5 if mode == "fwd_bwd" else 1.0)
-                    ctx.add(
-                        case,
-                        name,
-                        "TFLOP/s",
-                        fl / ms / 1e9,
-                        "TFLOP/s",
-                        ms=round(ms, 4),
-                        mode=mode,
-                        head_dim=d,
-                    )
-                except Exception as exc:
-                    ctx.failed(case, name, "TFLOP/s", "TFLOP/s", exc, mode=mode, head_dim=d)
+                _record_tflops(ctx, case, name, fn, args, mode, 4.0 * h * d * n_pairs, head_dim=d)
 
 
 def part_decode(ctx: Ctx) -> None:
@@ -283,19 +282,7 @@ def part_flex(ctx: Ctx) -> None:
             for name, fn in (("flex", run_flex), ("llamazh", run_ours)):
                 if ctx.expired(f"{case} {name}"):
                     return
-                try:
-                    ms = _time_attention(ctx, fn, (q, k, v), mode)
-                    fl = 4.0 * h * d * pairs * (3.5 if mode == "fwd_bwd" else 1.0)
-                    ctx.add(
-                        case,
-                        name,
-                        "TFLOP/s",
-                        fl / ms / 1e9,
-                        "TFLOP/s",
-                        ms=round(ms, 4),
-                        mode=mode,
-                        head_dim=d,
-                    )
-                except Exception as exc:
-                    ctx.failed(case, name, "TFLOP/s", "TFLOP/s", exc, mode=mode, head_dim=d)
+                _record_tflops(
+                    ctx, case, name, fn, (q, k, v), mode, 4.0 * h * d * pairs, head_dim=d
+                )
         del q, k, v
