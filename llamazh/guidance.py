@@ -118,7 +118,7 @@ class ClassifierFreeGuidance:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            **cache_kwargs(self.model, self._cache),
+            **self._feed_cache,
         )
         self.forward_calls += 1
         return torch.nn.functional.log_softmax(out.logits.float(), dim=-1)
@@ -136,13 +136,14 @@ class ClassifierFreeGuidance:
         mask = self.negative_prompt_attention_mask
         self._mask = (torch.ones_like(base) if mask is None else mask.to(base.device)).long()
         self._cache = new_dynamic_cache(self.model)
+        self._feed_cache = cache_kwargs(self.model, self._cache)  # once per cache, not per call
         self._fed = base[:, :0]
         positions = (self._mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, S)
         out = self.model(
             input_ids=base,
             attention_mask=self._mask,
             position_ids=positions,
-            **cache_kwargs(self.model, self._cache),
+            **self._feed_cache,
         )
         self.forward_calls += 1
         self._logprobs = {0: torch.nn.functional.log_softmax(out.logits[:, -1].float(), dim=-1)}

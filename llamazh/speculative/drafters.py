@@ -92,6 +92,7 @@ class ModelDrafter:
         )
         self._tokens = torch.empty(0, dtype=torch.long)  # what the cache holds, in order
         self._keep_arg = accepts_logits_to_keep(model)
+        self._feed_cache = cache_kwargs(model, self._cache)  # the cache object never changes
         self.forward_calls = 0
 
     def reset(self) -> None:
@@ -102,7 +103,7 @@ class ModelDrafter:
     def _feed(self, ids: Tensor) -> Tensor:
         """Run ``ids`` ``(1, m)`` after the cached positions -> logits of the last ``(1, V)``."""
         kwargs = {"logits_to_keep": 1} if self._keep_arg else {}
-        out = self.model(input_ids=ids, **cache_kwargs(self.model, self._cache), **kwargs)
+        out = self.model(input_ids=ids, **self._feed_cache, **kwargs)
         self.forward_calls += 1
         self._tokens = torch.cat([self._tokens, ids[0]])
         return out.logits[:, -1]

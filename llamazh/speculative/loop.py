@@ -283,6 +283,7 @@ def speculative_generate(
         if past_key_values is None
         else check_rollback_cache(past_key_values, "past_key_values")
     )
+    feed_cache = cache_kwargs(target, cache)  # resolved once, not per forward
     prompt_len = input_ids.shape[1]
     out = SpeculativeOutput(input_ids, prompt_len)
     cached = cache_length(cache)
@@ -293,7 +294,7 @@ def speculative_generate(
         )
     if cached < prompt_len - 1:  # prefill everything but the last token; its logits come next
         kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(target) else {}
-        target(input_ids=input_ids[:, cached:-1], **cache_kwargs(target, cache), **kwargs)
+        target(input_ids=input_ids[:, cached:-1], **feed_cache, **kwargs)
         out.target_forward_calls += 1
 
     seq = input_ids
@@ -309,7 +310,7 @@ def speculative_generate(
         drafts = proposal.tokens.to(device)[:, :k]  # (1, kd)
         kd = drafts.shape[1]
         block = torch.cat([seq[:, -1:], drafts], dim=1)  # (1, kd + 1)
-        logits = target(input_ids=block, **cache_kwargs(target, cache)).logits
+        logits = target(input_ids=block, **feed_cache).logits
         out.target_forward_calls += 1
         scores = _process(
             logits[:, -(kd + 1) :],
