@@ -68,6 +68,9 @@ class Sizes:
     batch: int
     cpt_cpu_s: float | None
     cpt_max_steps: int | None
+    align_lines: int  # Chinese training lines (after the CPT ones) the alignment reads
+    align_cpu_s: float | None  # part of the extended arm's cpt_cpu_s
+    align_max_steps: int | None
     lora_rank: int
     lora_lr: float
     rows_lr: float
@@ -95,6 +98,7 @@ FULL = Sizes(
     eval_chars=3000, curve_chars=800, answer_tokens=40, speed_tokens=48,
     vocab_line_stride=1, new_tokens=20000, efficiency_lines=2000,
     cpt_lines=6000, block=256, batch=4, cpt_cpu_s=240, cpt_max_steps=None,
+    align_lines=4000, align_cpu_s=120, align_max_steps=None,
     lora_rank=16, lora_lr=1e-3, rows_lr=2e-3,
     sft_len=192, sft_records=1200, sft_held=40, sft_lr=1e-3, sft_cpu_s=120, sft_max_steps=None,
     long_original=512, long_windows=1,
@@ -106,6 +110,7 @@ QUICK = Sizes(
     eval_chars=400, curve_chars=150, answer_tokens=8, speed_tokens=8,
     vocab_line_stride=20, new_tokens=1000, efficiency_lines=50,
     cpt_lines=200, block=64, batch=2, cpt_cpu_s=None, cpt_max_steps=2,
+    align_lines=40, align_cpu_s=None, align_max_steps=2,
     lora_rank=4, lora_lr=1e-3, rows_lr=2e-3,
     sft_len=160, sft_records=40, sft_held=6, sft_lr=1e-3, sft_cpu_s=None, sft_max_steps=2,
     long_original=32, long_windows=1,
@@ -137,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and args.budget_scale != 1.0:
         k = args.budget_scale
         sizes = replace(sizes, cpt_cpu_s=sizes.cpt_cpu_s * k, sft_cpu_s=sizes.sft_cpu_s * k,
-                        draft_cpu_s=sizes.draft_cpu_s * k)  # fmt: skip
+                        draft_cpu_s=sizes.draft_cpu_s * k,
+                        align_cpu_s=sizes.align_cpu_s * min(k, 1.0))  # fmt: skip
     root = Path(args.run_dir)
     if args.fresh and root.exists():
         shutil.rmtree(root)

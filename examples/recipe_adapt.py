@@ -6,6 +6,7 @@ of the run directory."""
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Any
 import torch
 from recipe_lib import (
     Run,
-    bits_per_char,
     block_sampler,
     chat,
     cut_texts,
@@ -24,11 +24,14 @@ from recipe_lib import (
     to_blocks,
 )
 
+from llamazh.evaluation import bits_per_char
 from llamazh.pretrained import load_smollm2, smollm2_dir
 from llamazh.templates import get_template
 from llamazh.tokenizer import cjk_share, extend_bpe, resize_embeddings
+from llamazh.tokenizer.resize import DEFAULT_HEAD_INIT, DEFAULT_INIT
 from llamazh.training import (
     CausalLMCollator,
+    align_embeddings,
     merge_adapters,
     prepare_for_training,
     save_adapter,
@@ -96,8 +99,7 @@ def encoder(tokenizer: Any):
 
 
 def bpc_all(model: Any, tokenizer: Any, sets: dict[str, list[str]]) -> dict[str, float]:
-    sep = tokenizer.convert_tokens_to_ids(SEP)
-    return {k: bits_per_char(model, encoder(tokenizer), v, sep) for k, v in sets.items()}
+    return {k: bits_per_char(model, tokenizer, v, boundary=SEP) for k, v in sets.items()}
 
 
 def answers(model: Any, tokenizer: Any, n_tokens: int) -> dict[str, str]:
@@ -197,32 +199,35 @@ def step_vocabulary(c: Context) -> dict:
 
 # ---- 3 -----------------------------------------------------------------------------------
 def cpt_arm(c: Context, model: Any, tokenizer: Any, prepared: Any, lrs: tuple[float, float],
-            desc: str) -> dict:  # fmt: skip
-    """Train one arm (extended vocabulary or control) for the CPT budget; bits/char curves."""
+            desc: str, *, spent_cpu_s: float = 0.0, curve: list | None = None) -> dict:  # fmt: skip
+    """Train one arm (extended vocabulary or control) for what is left of the CPT budget after
+    ``spent_cpu_s`` (the extended arm's alignment); bits/char curves in total CPU seconds,
+    continuing ``curve``."""
     s = c.sizes
     sep = tokenizer.convert_tokens_to_ids(SEP)
     enc = encoder(tokenizer)
     zh = to_blocks(c.zh_train[: s.cpt_lines], enc, sep, s.block)
     en = to_blocks(c.en_train[: s.cpt_lines // 4], enc, sep, s.block)[: max(1, len(zh) // 4)]
     blocks = torch.cat([zh, en])  # one English replay block in five limits forgetting
-    curve = c.curve_set()
+    held = c.curve_set()
     optimizer = torch.optim.AdamW(prepared.param_groups(lrs[0], embedding_lr=lrs[1]))
+    budget = None if s.cpt_cpu_s is None else s.cpt_cpu_s - spent_cpu_s
     res = fit(
         model,
         block_sampler(blocks, s.batch, seed=0),
         lm_loss(model),
         optimizer=optimizer,
-        budget_cpu_s=s.cpt_cpu_s,
+        budget_cpu_s=budget,
         max_steps=s.cpt_max_steps,
         desc=desc,
-        evaluate=lambda: bits_per_char(model, enc, curve, sep),
+        evaluate=lambda: bits_per_char(model, tokenizer, held, boundary=SEP),
         eval_at=(0.0, 1 / 3, 2 / 3, 1.0),
     )
     bpc = bpc_all(model, tokenizer, c.eval_sets())
     tokens = res.steps * s.batch * s.block
     print(
         f"  {desc}: {res.steps} steps x {s.batch} x {s.block} tokens ({tokens:,} tokens, about "
-        f"{tokens / tokens_per_char(tokenizer, curve):,.0f} characters) in "
+        f"{tokens / tokens_per_char(tokenizer, held):,.0f} characters) in "
         f"{res.cpu_at_step[-1]:.0f} CPU s ({res.wall_s:.0f} s wall); loss {res.losses[0]:.2f} "
         f"-> {res.losses[-1]:.2f}; "
         f"held-out bits/char zh {bpc['zh']:.3f}, en {bpc['en']:.3f}"
@@ -232,10 +237,10 @@ def cpt_arm(c: Context, model: Any, tokenizer: Any, prepared: Any, lrs: tuple[fl
         "bpc_en": bpc["en"],
         "steps": res.steps,
         "tokens": tokens,
-        "train_cpu_s": res.cpu_at_step[-1],
+        "train_cpu_s": res.cpu_at_step[-1] + spent_cpu_s,
         "train_wall_s": res.wall_s,
         "losses": res.losses,
-        "curve": res.evals,
+        "curve": (curve or []) + [(round(x + spent_cpu_s, 1), v) for x, v in res.evals],
         "blocks": [len(zh), len(en)],
     }
 
@@ -247,22 +252,37 @@ def step_continue_pretraining(c: Context) -> dict:
         model, base = c.base()
         extended = c.ext_tokenizer()
         check_extends(base, extended, model)
-        new_ids = resize_embeddings(model, base, extended, init="subword_mean")
+        original = copy.deepcopy(model)  # the teacher of the alignment, read-only
+        # the embedding gets an lm_head of its own: an input row and an output row of a new
+        # token want different things (llamazh.tokenizer.row_init)
+        new_ids = resize_embeddings(model, base, extended, untie=True)
         model.save_pretrained(d / "resized_base")
         extended.save_pretrained(d / "resized_base")
         resized = bpc_all(model, extended, c.eval_sets())
         print(
-            f"  resized to {len(extended):,} rows ({len(new_ids):,} new, sub-word mean, tied); "
-            f"bits/char with the extended tokenizer before training: zh {resized['zh']:.3f}, "
-            f"en {resized['en']:.3f}"
+            f"  resized to {len(extended):,} rows ({len(new_ids):,} new; input rows "
+            f"{DEFAULT_INIT}, lm_head rows {DEFAULT_HEAD_INIT}, untied); bits/char before "
+            f"training: zh {resized['zh']:.3f}, en {resized['en']:.3f}"
         )
-        # LoRA on every projection plus the new rows of the tied embedding (= lm_head rows)
+        # alignment: the new rows alone learn to reproduce the base on Chinese text (its CPU
+        # seconds count towards this arm's budget)
+        report = align_embeddings(
+            model, original, base, extended, c.zh_train[s.cpt_lines : s.cpt_lines + s.align_lines],
+            max_cpu_s=s.align_cpu_s, max_steps=s.align_max_steps, eval_texts=c.curve_set(),
+            boundary=SEP,
+        )  # fmt: skip
+        del original
+        aligned = bpc_all(model, extended, c.eval_sets())
+        print(f"  {report}".replace("\n", "\n  "))
+        print(f"  after alignment: zh {aligned['zh']:.3f}, en {aligned['en']:.3f} bits/char")
+        # LoRA on every projection plus the new rows of the embedding and of the lm_head
         prepared = prepare_for_training(
             model, rank=s.lora_rank, alpha=2 * s.lora_rank, dropout=0.05,
             embeddings="new_rows", lm_head="new_rows", new_token_ids=new_ids,
         )  # fmt: skip
         print(f"  trainable parameters:\n{prepared.report()}")
-        ext = cpt_arm(c, model, extended, prepared, (s.lora_lr, s.rows_lr), "extended vocabulary")
+        ext = cpt_arm(c, model, extended, prepared, (s.lora_lr, s.rows_lr), "extended vocabulary",
+                      spent_cpu_s=report.cpu_s, curve=report.curve[:-1])  # fmt: skip
         save_adapter(prepared, d / "adapter")
         del model, prepared
 
@@ -278,6 +298,7 @@ def step_continue_pretraining(c: Context) -> dict:
         results = (
             ("SmolLM2 (base)", base_bpc["bpc_zh"], base_bpc["bpc_en"], 0),
             ("extended, resized (no training)", resized["zh"], resized["en"], 0),
+            (f"extended, aligned ({report.cpu_s:.0f} CPU s)", aligned["zh"], aligned["en"], 0),
             ("extended + LoRA + new rows", ext["bpc_zh"], ext["bpc_en"], ext["tokens"]),
             ("control: LoRA, original tokenizer", control["bpc_zh"], control["bpc_en"],
              control["tokens"]),
@@ -293,8 +314,9 @@ def step_continue_pretraining(c: Context) -> dict:
             f"{control['bpc_zh']:.3f} bits/char (English {ext['bpc_en']:.3f} vs "
             f"{control['bpc_en']:.3f})"
         )
-        return {"new_rows": len(new_ids), "resized": resized, "ext": ext, "control": control,
-                "extended_wins_zh": wins}  # fmt: skip
+        return {"new_rows": len(new_ids), "resized": resized, "aligned": aligned,
+                "align_cpu_s": report.cpu_s, "align_curve": report.curve, "ext": ext,
+                "control": control, "extended_wins_zh": wins}  # fmt: skip
 
     return c.run.step("03_cpt", "3. Continued pre-training, and the same-compute control", run)
 
@@ -323,9 +345,7 @@ def sft_records(zh: list[str], classical: list[str], en: list[str], n: int, seed
             else:
                 out.append((f"{REPEAT_EN}\n{' '.join(words[:30])}", " ".join(words[:30])))
     rng.shuffle(out)
-    return [
-        [{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in out
-    ]
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in out]
 
 
 @torch.no_grad()

@@ -207,8 +207,10 @@ def step_speculative(c: Context) -> dict:
         losses = distill_draft(c, target, draft, tokenizer)
         draft.save_pretrained(d / "draft")
         draft_q = quantized(draft)
-        print(f"  draft: the target's first {s.draft_layers} layers + tied embedding, distilled "
-              f"(KL {losses[0]:.3f} -> {losses[-1]:.3f}, {len(losses)} steps), int8 Linear layers")
+        print(
+            f"  draft: the target's first {s.draft_layers} layers + tied embedding, distilled "
+            f"(KL {losses[0]:.3f} -> {losses[-1]:.3f}, {len(losses)} steps), int8 Linear layers"
+        )
         prompts = spec_prompts(c, tokenizer, s.spec_prompts, s.spec_prompt_chars)
         n = s.spec_new_tokens
         common = {"max_new_tokens": n, "do_sample": False, "eos_token_id": stop,
@@ -233,7 +235,7 @@ def step_speculative(c: Context) -> dict:
             for m in methods:  # warm-up (first calls pay one-off costs); not timed
                 methods[m](prompts[0])
             for r in range(s.spec_rounds):  # interleaved: noise hits every method alike
-                order = list(methods)[r % len(methods):] + list(methods)[: r % len(methods)]
+                order = list(methods)[r % len(methods) :] + list(methods)[: r % len(methods)]
                 for p, ids in enumerate(prompts):
                     for m in order:
                         t0, c0 = time.perf_counter(), time.process_time()
@@ -248,6 +250,7 @@ def step_speculative(c: Context) -> dict:
                             reference.setdefault(p, seq)
                         else:
                             identical &= torch.equal(seq, reference[p])
+
         def total(times: dict, m: str) -> float:  # per prompt: the median over rounds
             return sum(sorted(t)[len(t) // 2] for t in times[m])
 
@@ -271,8 +274,10 @@ def step_speculative(c: Context) -> dict:
             "prompt lookup >= 1.5x over transformers'":
                 speed["llamazh prompt lookup"] / speed["transformers prompt lookup"] >= 1.5,
         }  # fmt: skip
-        print(f"  {len(prompts)} 'repeat this paragraph' prompts, {new_tokens} new tokens in all,"
-              f" {s.spec_rounds} interleaved rounds; greedy outputs identical: {identical}")
+        print(
+            f"  {len(prompts)} 'repeat this paragraph' prompts, {new_tokens} new tokens in all,"
+            f" {s.spec_rounds} interleaved rounds; greedy outputs identical: {identical}"
+        )
         for k, ok in checks.items():
             print(f"  target {k}: {'met' if ok else 'NOT met'}")
         plot(
@@ -317,4 +322,3 @@ def plot_all(run: Run) -> None:
             ylabel="held-out Chinese bits/char",
             title="continued pre-training, same budget",
         )
-

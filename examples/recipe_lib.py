@@ -1,5 +1,6 @@
 """Plumbing for ``examples/recipe.py``: resumable steps, a compute-budgeted training loop,
-bits per character, chat generation, timing, plots. Nothing here is Chinese-LLaMA specific."""
+chat generation, timing, plots (bits per character is ``llamazh.evaluation.bits_per_char``).
+Nothing here is Chinese-LLaMA specific."""
 
 from __future__ import annotations
 
@@ -89,43 +90,6 @@ def cut_texts(lines: Sequence[str], total_chars: int, max_chars: int = 400) -> l
         out.append(line[:max_chars])
         n += len(out[-1])
     return out
-
-
-@torch.no_grad()
-def bits_per_char(
-    model: torch.nn.Module,
-    encode: Callable[[str], list[int]],
-    texts: Sequence[str],
-    sep_id: int,
-    *,
-    max_batch_tokens: int = 2048,
-) -> float:
-    """Bits per character of ``texts``: the summed NLL of every token of each text (given a
-    ``sep_id`` document boundary before it), in bits, over the number of characters.
-
-    Tokenizer-independent: two tokenizers scored on the same texts divide by the same count.
-    """
-    model.eval()
-    seqs = sorted(([sep_id, *encode(t)] for t in texts), key=len)
-    total, i = 0.0, 0
-    while i < len(seqs):
-        j = i + 1
-        while j < len(seqs) and (j + 1 - i) * len(seqs[j]) <= max_batch_tokens:
-            j += 1
-        batch = seqs[i:j]
-        width = len(batch[-1])
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for r, s in enumerate(batch):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, S-1, V)
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum"
-        ).item()
-        i = j
-    return total / math.log(2) / sum(len(t) for t in texts)
 
 
 @dataclass
@@ -296,7 +260,7 @@ def plot(
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4))
     if bars:
-        (labels, values), = series.values()
+        ((labels, values),) = series.values()
         ax.bar(range(len(values)), values)
         ax.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=8)
         ax.axhline(1.0, color="grey", lw=0.8)

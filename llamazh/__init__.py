@@ -45,6 +45,8 @@ _LAZY: dict[str, str] = {
     "save_adapter": "llamazh.training",
     "load_adapter": "llamazh.training",
     "merge_adapters": "llamazh.training",
+    "align_embeddings": "llamazh.training",
+    "bits_per_char": "llamazh.evaluation",
     # generation
     "speculative_generate": "llamazh.speculative",
     "PromptLookupDrafter": "llamazh.speculative",

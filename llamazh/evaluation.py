@@ -1,4 +1,5 @@
-"""Long-context evaluation for any causal LM: perplexity by length and passkey retrieval.
+"""Evaluation for any causal LM: bits per character (tokenizer-independent), perplexity by
+length and passkey retrieval.
 
 Model-agnostic on purpose (it lives beside, not inside, :mod:`llamazh.rope`): anything called
 as ``model(input_ids=(B, S) LongTensor)`` returning an object with ``.logits`` ``(B, S, V)`` (a
@@ -16,7 +17,12 @@ import torch
 
 from llamazh._checks import check_positive_int
 
-__all__ = ["passkey_retrieval_accuracy", "perplexity_by_length"]
+__all__ = [
+    "bits_per_char",
+    "document_boundary",
+    "passkey_retrieval_accuracy",
+    "perplexity_by_length",
+]
 
 
 def _device_of(model: Any, device: torch.device | str | None) -> torch.device:
@@ -99,6 +105,122 @@ def perplexity_by_length(
             total_tokens += targets.numel()
         result[n] = math.exp(total_nll / total_tokens)
     return result
+
+
+def document_boundary(tokenizer: Any, boundary: int | str | None = "auto") -> list[int]:
+    """The ids put before every text that :func:`bits_per_char` scores.
+
+    ``"auto"``: what the tokenizer itself prepends (Llama's BOS), else its ``<|endoftext|>``
+    (the GPT-2 family's document separator: SmolLM2, Qwen2), else its EOS, else its BOS. An int
+    is an id, a string a token; ``None`` puts nothing (the first token of each text is then not
+    scored and its characters still count, so the value is an upper bound).
+
+    Raises:
+        ValueError: ``"auto"`` finds none of those, or the token string is not in the vocabulary.
+    """
+    if boundary is None:
+        return []
+    if isinstance(boundary, bool) or not isinstance(boundary, (int, str)):
+        raise TypeError(
+            f"boundary must be an int id, a token string, 'auto' or None, got {boundary!r}"
+        )
+    if isinstance(boundary, int):
+        return [boundary]
+    if boundary != "auto":
+        ids = tokenizer.convert_tokens_to_ids([boundary])
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if ids[0] is None or (ids[0] == unk and boundary != getattr(tokenizer, "unk_token", None)):
+            raise ValueError(f"boundary={boundary!r} is not a token of the tokenizer")
+        return ids
+    with_special = tokenizer("a", add_special_tokens=True).input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    if len(with_special) > len(plain) and with_special[-len(plain) :] == plain:
+        return list(with_special[: len(with_special) - len(plain)])
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return [vocab["<|endoftext|>"]]
+    for name in ("eos_token_id", "bos_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if isinstance(tid, int):
+            return [tid]
+    raise ValueError(
+        "boundary='auto' found no BOS, <|endoftext|> or EOS token in the tokenizer; pass "
+        "boundary=<token id or string> (or None)"
+    )
+
+
+@torch.no_grad()
+def bits_per_char(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    boundary: int | str | None = "auto",
+    max_batch_tokens: int = 2048,
+    device: torch.device | str | None = None,
+) -> float:
+    """Bits per character of ``texts`` under ``model``: tokenizer-independent.
+
+    Each text is encoded alone (without special tokens) after the :func:`document_boundary`
+    ids; the summed NLL of all its tokens, in bits, is divided by the total number of
+    characters (``len(text)``, Unicode code points). Two tokenizers scored on the same texts
+    divide by the same count, so an extended vocabulary and its base compare directly. Texts
+    are batched by length (``max_batch_tokens`` per forward, padding masked); fp32
+    log-softmax. The model is put in eval mode.
+
+    Args:
+        model: a causal LM called as ``model(input_ids=(B, S), attention_mask=(B, S))``.
+        tokenizer: a Hugging Face tokenizer (``tokenizer(text).input_ids``).
+        texts: non-empty sequence of non-empty strings.
+        boundary: see :func:`document_boundary`.
+        max_batch_tokens: padded tokens per forward (>= 1; a longer text runs alone).
+        device: where to run (default: the model's device).
+
+    Returns:
+        bits per character (float).
+
+    Raises:
+        ValueError: ``texts`` empty, or a text empty.
+        TypeError: ``texts`` is a single string.
+
+    Example:
+        >>> bits_per_char(model, tokenizer, ["中国的首都是北京。", "Hello world."])
+        3.92
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, got a single str; wrap it in a list")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts must not be empty")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t:
+            raise ValueError(f"texts[{i}] must be a non-empty string, got {t!r}")
+    check_positive_int("max_batch_tokens", max_batch_tokens)
+    device = _device_of(model, device)
+    prefix = document_boundary(tokenizer, boundary)
+    enc = tokenizer(texts, add_special_tokens=False).input_ids
+    seqs = sorted((prefix + list(ids) for ids in enc), key=len)
+    model.eval()
+    total, i = 0.0, 0
+    while i < len(seqs):
+        j = i + 1
+        while j < len(seqs) and (j + 1 - i) * len(seqs[j]) <= max_batch_tokens:
+            j += 1
+        batch = seqs[i:j]
+        width = len(batch[-1])
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, s in enumerate(batch):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, S-1, V)
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum"
+        ).item()
+        i = j
+    return total / math.log(2) / sum(len(t) for t in texts)
 
 
 _INTRO = (

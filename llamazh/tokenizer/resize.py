@@ -6,11 +6,19 @@ from typing import Any
 
 import torch
 
-from llamazh._checks import check_choice
 from llamazh.tokenizer._sources import as_view, piece_splitter
+from llamazh.tokenizer.row_init import ROW_INITS, NormalRows, RowInit, get_row_init
 
-#: ``init`` values accepted by :func:`resize_embeddings`.
-RESIZE_INITS = ("subword_mean", "mean", "normal")
+#: ``init`` names accepted by :func:`resize_embeddings` (see :data:`ROW_INITS`).
+RESIZE_INITS = tuple(ROW_INITS)
+
+#: The defaults, chosen by measurement (``benchmarks/vocab_transfer.py``: SmolLM2-135M + 1k-20k
+#: ``extend_bpe`` tokens, held-out Chinese bits/char before any training; docs/tokenizer.md):
+#: untied input rows lean on the last piece and lm_head rows on the first; a shared (tied)
+#: row is the plain sub-word mean, the best compromise between the two.
+DEFAULT_INIT = "last_heavy"
+DEFAULT_HEAD_INIT = "first_heavy"
+DEFAULT_TIED_INIT = "subword_mean"
 
 
 def resize_embeddings(
@@ -18,32 +26,37 @@ def resize_embeddings(
     old_tokenizer: Any,
     new_tokenizer: Any,
     *,
-    init: str = "subword_mean",
-    head_init: str | None = None,
+    init: str | RowInit | None = None,
+    head_init: str | RowInit | None = None,
+    untie: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Grow ``model``'s input embeddings and lm_head from ``old_tokenizer`` to ``new_tokenizer``.
 
     ``new_tokenizer`` must extend ``old_tokenizer`` (its first ``len(old)`` pieces are the old
-    ones, as :func:`merge_sentencepiece` guarantees). Old rows are copied bit for bit; new
-    rows ``len(old) .. len(new) - 1`` are initialised by ``init``:
+    ones, as :func:`merge_sentencepiece` and :func:`extend_bpe` guarantee). Old rows are copied
+    bit for bit; new rows ``len(old) .. len(new) - 1`` are initialised by the strategies of
+    :mod:`llamazh.tokenizer.row_init` (a name from :data:`RESIZE_INITS` or a ``RowInit``):
 
-    * ``"subword_mean"`` (default): the mean of the *old* rows of the pieces the old
-      tokenizer splits the new piece's text into (bytes included, as the old model saw it);
-      pieces without text (control, unused padding) get the ``"mean"`` row. For byte-level
-      BPE (:func:`extend_bpe`) the old model splits the new token's *bytes*, so tokens that
-      are not whole characters (partial UTF-8) get their byte pieces' mean too.
-    * ``"mean"``: the mean of all old rows.
+    * ``"last_heavy"`` (default for input rows): the pieces the old tokenizer splits the new
+      token into, weighted towards the last; ``"subword_mean"``: their plain mean (FVT);
+      ``"first_heavy"``: weighted towards the first. For byte-level BPE the old tokenizer
+      splits the token's *bytes*, so partial UTF-8 tokens get their byte pieces too; added
+      tokens (``add_tokens``) are split as the old tokenizer encodes their text; pieces without
+      text (control, unused padding) get the ``"mean"`` row.
+    * ``"mean"`` (default for lm_head rows): the mean of all old rows (Hewitt 2021). A piece-
+      based output row gives a new token about the logits of its pieces, so before training it
+      takes probability from them wherever they are likely: measured in
+      ``benchmarks/vocab_transfer.py`` (SmolLM2, tied, 20,000 tokens: held-out Chinese
+      4.79 -> 7.39 bits/char with sub-word-mean rows in a tied matrix).
     * ``"normal"``: i.i.d. ``N(0, initializer_range**2)`` (the model config's value, 0.02 if
-      absent), what a freshly built model would hold; drawn from ``generator``.
+      absent), drawn from ``generator``.
 
-    The new lm_head rows follow ``head_init``, by default ``init`` except that
-    ``init="subword_mean"`` gives the lm_head ``"mean"`` rows: a subword-mean output row
-    gives a new piece about the logit of its own subwords, so it steals probability from them
-    wherever they are likely (measured in ``benchmarks/resize_init.py``: higher loss on both
-    Chinese and English than mean rows). ``head_init="subword_mean"`` asks for it anyway.
-    Tied embeddings stay one tensor, initialised by ``init``. Means are computed in fp32 and
-    cast to the weight dtype. ``model.config.vocab_size`` is updated.
+    Tied embeddings stay one matrix, initialised by ``init`` (``head_init`` must be ``None`` or
+    the same), unless ``untie=True``: then the lm_head gets its own copy of the old matrix
+    (``config.tie_word_embeddings`` becomes ``False``, so ``save_pretrained`` writes both and
+    a stock ``from_pretrained`` loads them untied) and its new rows follow ``head_init``. Means
+    are computed in fp32 and cast to the weight dtype. ``model.config.vocab_size`` is updated.
 
     Args:
         model: a transformers model (``get_input_embeddings``/``get_output_embeddings``).
@@ -51,9 +64,9 @@ def resize_embeddings(
             fast tokenizer, e.g. a byte-level BPE directory).
         new_tokenizer: the extended tokenizer (same kinds, a ``MergeResult`` or a
             ``BPEExtension``).
-        init: one of :data:`RESIZE_INITS`, for the input embedding rows.
-        head_init: one of :data:`RESIZE_INITS` for the lm_head rows, or ``None`` (``init``,
-            ``"mean"`` for ``"subword_mean"``). Must be ``None`` or ``init`` when tied.
+        init: the input rows' strategy.
+        head_init: the lm_head rows' strategy, or ``None`` (``"mean"``).
+        untie: give a tied model its own lm_head first (ignored when already untied).
         generator: random source for ``"normal"`` (CPU generator).
 
     Returns:
@@ -62,17 +75,22 @@ def resize_embeddings(
     Raises:
         ValueError: the model's embedding rows != ``len(old_tokenizer)``;
             ``new_tokenizer`` does not extend ``old_tokenizer``; ``init`` or ``head_init`` is
-            unknown; ``head_init`` differs from ``init`` on tied embeddings.
+            unknown; ``head_init`` differs from ``init`` on tied embeddings without ``untie``.
 
     Example:
-        >>> new_ids = resize_embeddings(model, "llama2.model", merged, init="subword_mean")
+        >>> new_ids = resize_embeddings(model, "llama2.model", merged, untie=True)
         >>> model.get_input_embeddings().weight.shape  # (len(merged.proto.pieces), hidden)
     """
-    check_choice("init", init, RESIZE_INITS)
-    if head_init is not None:
-        check_choice("head_init", head_init, RESIZE_INITS)
+    out0 = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shared = out0 is not None and out0.weight is model.get_input_embeddings().weight
+    if init is None:
+        init = DEFAULT_TIED_INIT if shared and not untie else DEFAULT_INIT
+    init_s = _normal_std(get_row_init(init, "init"), model)
+    head_s = None if head_init is None else _normal_std(get_row_init(head_init, "head_init"), model)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not isinstance(untie, bool):
+        raise TypeError(f"untie must be a bool, got untie={untie!r}")
     inp = model.get_input_embeddings()
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     old = as_view(old_tokenizer, "old_tokenizer")
@@ -83,34 +101,32 @@ def resize_embeddings(
             f"model has {inp.weight.shape[0]} input embedding rows but old_tokenizer has "
             f"{n_old} pieces; old_tokenizer must be the tokenizer the model was trained with"
         )
-    if n_new < n_old or new.pieces[:n_old] != old.pieces:
-        bad = next((i for i in range(min(n_old, n_new)) if new.pieces[i] != old.pieces[i]), n_new)
-        got = new.pieces[bad] if bad < n_new else "<missing>"
-        raise ValueError(
-            f"new_tokenizer must extend old_tokenizer (same pieces at ids 0..{n_old - 1}); "
-            f"id {bad} is {got!r} in new_tokenizer but {old.pieces[bad]!r} in old_tokenizer"
-        )
+    check_extends(old, new)
     tied = out is not None and out.weight is inp.weight
-    if tied and head_init not in (None, init):
+    if tied and not untie and head_s not in (None, init_s):
         raise ValueError(
             f"head_init={head_init!r} differs from init={init!r}, but the model ties its "
-            "input embeddings and lm_head (one matrix); leave head_init=None"
+            "input embeddings and lm_head (one matrix); leave head_init=None or pass untie=True"
         )
-    if head_init is None:
-        head_init = "mean" if init == "subword_mean" else init
+    if head_s is None:
+        head_s = init_s if tied and not untie else ROW_INITS[DEFAULT_HEAD_INIT]
+    if tied and untie:
+        untie_embeddings(model)
+        out = model.get_output_embeddings()
+        tied = False
 
-    rows = _new_row_sources(old, new, init)
-    inp_new = _grow(inp.weight, rows, init, generator, model)
-    head_rows = rows if head_init == init else _new_row_sources(old, new, head_init)
+    pieces = _new_row_sources(old, new) if init_s.uses_pieces or head_s.uses_pieces else None
+    blank: list[list[int] | None] = [None] * (n_new - n_old)
+    inp_new = _grow(inp.weight, init_s.rows(inp.weight, pieces or blank, generator=generator))
     inp.weight = torch.nn.Parameter(inp_new, requires_grad=inp.weight.requires_grad)
     inp.num_embeddings = n_new
     if out is not None:
         if tied:
             out.weight = inp.weight
         else:
+            head_rows = head_s.rows(out.weight, pieces or blank, generator=generator)
             out.weight = torch.nn.Parameter(
-                _grow(out.weight, head_rows, head_init, generator, model),
-                requires_grad=out.weight.requires_grad,
+                _grow(out.weight, head_rows), requires_grad=out.weight.requires_grad
             )
         if getattr(out, "bias", None) is not None:
             bias = torch.zeros(n_new, dtype=out.bias.dtype, device=out.bias.device)
@@ -124,11 +140,59 @@ def resize_embeddings(
     return torch.arange(n_old, n_new, dtype=torch.int64)
 
 
-def _new_row_sources(old: Any, new: Any, init: str) -> list[list[int] | None]:
-    """For each new row, the old ids whose mean initialises it (``None``: the global mean)."""
+def check_extends(old: Any, new: Any) -> None:
+    """Raise ``ValueError`` unless tokenizer view ``new`` keeps every piece of ``old`` at its id."""
     n_old, n_new = len(old), len(new)
-    if init != "subword_mean":
-        return [None] * (n_new - n_old)
+    if n_new < n_old or new.pieces[:n_old] != old.pieces:
+        bad = next((i for i in range(min(n_old, n_new)) if new.pieces[i] != old.pieces[i]), n_new)
+        got = new.pieces[bad] if bad < n_new else "<missing>"
+        want = old.pieces[bad] if bad < n_old else "<missing>"
+        raise ValueError(
+            f"new_tokenizer must extend old_tokenizer (same pieces at ids 0..{n_old - 1}); "
+            f"id {bad} is {got!r} in new_tokenizer but {want!r} in old_tokenizer"
+        )
+
+
+def untie_embeddings(model: Any) -> bool:
+    """Give a tied ``model`` an lm_head of its own (a copy of the shared matrix).
+
+    Sets ``config.tie_word_embeddings = False`` (and the text sub-config's, where there is
+    one) so that transformers neither re-ties on load nor skips the lm_head on save.
+    Returns whether anything changed (``False`` for an untied model).
+
+    Example:
+        >>> untie_embeddings(model)
+        True
+        >>> model.lm_head.weight is model.get_input_embeddings().weight
+        False
+    """
+    inp = model.get_input_embeddings()
+    out = model.get_output_embeddings()
+    if out is None or out.weight is not inp.weight:
+        return False
+    out.weight = torch.nn.Parameter(
+        inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad
+    )
+    for cfg in (
+        getattr(model, "config", None),
+        getattr(getattr(model, "config", None), "text_config", None),
+    ):
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+    return True
+
+
+def _normal_std(init: RowInit, model: Any) -> RowInit:
+    """``NormalRows()`` draws with the model config's ``initializer_range`` (0.02 if absent)."""
+    if isinstance(init, NormalRows) and init.std is None:
+        std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
+        return NormalRows(std)
+    return init
+
+
+def _new_row_sources(old: Any, new: Any) -> list[list[int] | None]:
+    """For each new row, the old ids its text splits into (``None``: no text)."""
+    n_old, n_new = len(old), len(new)
     split = piece_splitter(old)
     usable = _textual(new, n_old)
     added = _added_texts(new)  # added tokens match raw text: the old tokenizer encodes it
@@ -159,36 +223,12 @@ def _textual(view: Any, start: int) -> list[bool]:
     return [p not in specials for p in view.pieces[start:]]
 
 
-def _grow(
-    weight: torch.Tensor,
-    rows: list[list[int] | None],
-    init: str,
-    generator: torch.Generator | None,
-    model: Any,
-) -> torch.Tensor:
-    """``weight`` (V_old, D) -> (V_old + len(rows), D), old rows copied exactly."""
+def _grow(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``weight`` (V_old, D) -> (V_old + K, D): old rows copied exactly, ``rows`` (K, D) cast."""
     old = weight.detach()
-    n_old, dim = old.shape
-    grown = torch.empty(n_old + len(rows), dim, dtype=old.dtype, device=old.device)
-    grown[:n_old] = old
-    if not rows:
-        return grown
-    old32 = old.float()
-    if init == "normal":
-        std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
-        draw = torch.randn(len(rows), dim, generator=generator, dtype=torch.float32)
-        grown[n_old:] = (draw * std).to(device=old.device, dtype=old.dtype)
-        return grown
-    new = old32.mean(dim=0).expand(len(rows), dim).clone()  # (R, D)
-    flat = [i for ids in rows if ids for i in ids]
-    if flat:
-        seg = [j for j, ids in enumerate(rows) if ids for _ in ids]
-        seg_t = torch.tensor(seg, device=old.device)
-        sums = torch.zeros_like(new).index_add_(
-            0, seg_t, old32[torch.tensor(flat, device=old.device)]
-        )
-        counts = torch.bincount(seg_t, minlength=len(rows))
-        has = counts > 0
-        new[has] = sums[has] / counts[has].unsqueeze(1).float()
-    grown[n_old:] = new.to(old.dtype)
+    grown = torch.empty(
+        old.shape[0] + rows.shape[0], old.shape[1], dtype=old.dtype, device=old.device
+    )
+    grown[: old.shape[0]] = old
+    grown[old.shape[0] :] = rows.to(device=old.device, dtype=old.dtype)
     return grown

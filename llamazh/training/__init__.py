@@ -11,6 +11,7 @@ Example:
 """
 
 from llamazh.training.adapters import load_adapter, save_adapter
+from llamazh.training.align import AlignmentReport, align_embeddings
 from llamazh.training.config import AdapterConfig
 from llamazh.training.data import (
     CausalLMCollator,
@@ -25,12 +26,14 @@ from llamazh.training.prepare import PreparedModel, TrainableReport, prepare_for
 
 __all__ = [
     "AdapterConfig",
+    "AlignmentReport",
     "CausalLMCollator",
     "LoRALinear",
     "PreparedModel",
     "RowsEmbedding",
     "RowsLinear",
     "TrainableReport",
+    "align_embeddings",
     "causal_lm_loss",
     "group_into_blocks",
     "load_adapter",

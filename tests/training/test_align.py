@@ -1,0 +1,138 @@
+"""align_embeddings on a tiny Llama with SmolLM2's byte-level BPE and a small extend_bpe
+extension: only the new rows change, budgets and bad input, interruption, and that the
+objectives it optimises go down."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamazh.evaluation import bits_per_char
+from llamazh.testing import tiny_llama
+from llamazh.tokenizer import chinese_held_out_split, extend_bpe, resize_embeddings
+from llamazh.training import align as align_mod
+from llamazh.training import align_embeddings
+
+TOKENIZER = Path(__file__).resolve().parent.parent / "fixtures" / "smollm2_tokenizer"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import AutoTokenizer
+
+    split = chinese_held_out_split()
+    lines = [t[:120] for t in split.train[:400]]
+    old = AutoTokenizer.from_pretrained(TOKENIZER)
+    ext = extend_bpe(TOKENIZER, lines, new_tokens=200)
+    new = ext.hf_tokenizer() if hasattr(ext, "hf_tokenizer") else None
+    if new is None:
+        import tempfile
+
+        d = Path(tempfile.mkdtemp()) / "tok"
+        ext.save(d)
+        new = AutoTokenizer.from_pretrained(d)
+    base = tiny_llama(vocab_size=len(old), num_hidden_layers=3, tie_word_embeddings=False)
+    return old, new, base, lines[:40], [t[:80] for t in split.held_out["zh_d2l"][:6]]
+
+
+def _resized(base, old, new, **kw):
+    model = copy.deepcopy(base)
+    resize_embeddings(model, old, new, **kw)
+    return model
+
+
+def test_only_new_rows_change_and_state_is_restored(setup):
+    old, new, base, texts, held = setup
+    model = _resized(base, old, new)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.train()
+    report = align_embeddings(model, base, old, new, texts, max_steps=3, input_layer=2,
+                              chunk_tokens=256, eval_texts=held)  # fmt: skip
+    n_old = len(old)
+    after = model.state_dict()
+    for key, value in before.items():
+        if key.endswith(("embed_tokens.weight", "lm_head.weight")):
+            assert torch.equal(after[key][:n_old], value[:n_old]), key
+            assert not torch.equal(after[key][n_old:], value[n_old:]), key
+        else:
+            assert torch.equal(after[key], value), key
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert model.training
+    assert report.steps == 3 and report.new_rows == len(new) - n_old
+    assert report.curve[0][0] == 0 and len(report.curve) >= 2 and report.seen_rows > 0
+    assert report.curve[-1][1] == pytest.approx(bits_per_char(model, new, held))
+    assert "bits/char" in str(report)
+
+
+def test_objectives_go_down_on_repeated_text(setup):
+    old, new, base, texts, _ = setup
+    model = _resized(base, old, new, untie=False)
+    report = align_embeddings(model, base, old, new, texts[:8], max_steps=12, input_layer=2,
+                              chunk_tokens=4096, lr=1e-2)  # fmt: skip
+    first, last = report.losses[0], report.losses[-1]
+    assert last[2] < first[2]  # input: hidden-state mismatch
+    assert last[1] < first[1]  # output: bits per extended token
+
+
+def test_tied_model_trains_the_shared_rows(setup):
+    old, new, _base, texts, _ = setup
+    tied_base = tiny_llama(vocab_size=len(old), num_hidden_layers=2, tie_word_embeddings=True)
+    model = _resized(tied_base, old, new)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    align_embeddings(model, tied_base, old, new, texts, max_steps=2, input_layer=1)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    n_old = len(old)
+    assert torch.equal(model.lm_head.weight[:n_old], tied_base.lm_head.weight)
+
+
+def test_interrupted_alignment_leaves_a_completed_step(setup, monkeypatch):
+    old, new, base, texts, _ = setup
+    done = _resized(base, old, new)
+    align_embeddings(done, base, old, new, texts, max_steps=1, input_layer=2, chunk_tokens=256)
+    model = _resized(base, old, new)
+    calls = []
+
+    def flaky(real):
+        def call(*args, **kwargs):  # the second step is interrupted, whatever the objective
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("_lm_losses", "_input_loss"):
+        monkeypatch.setattr(align_mod, name, flaky(getattr(align_mod, name)))
+    with pytest.raises(KeyboardInterrupt):
+        align_embeddings(model, base, old, new, texts, max_steps=5, input_layer=2,
+                         chunk_tokens=256)  # fmt: skip
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(model.state_dict()[name], done.state_dict()[name]), name
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_bad_input(setup):
+    old, new, base, texts, _ = setup
+    model = _resized(base, old, new)
+    with pytest.raises(ValueError, match="max_steps"):
+        align_embeddings(model, base, old, new, texts, max_steps=0)
+    with pytest.raises(ValueError, match="max_cpu_s"):
+        align_embeddings(model, base, old, new, texts, max_cpu_s=-1)
+    with pytest.raises(ValueError, match="max_cpu_s=1e-06 is too small"):
+        align_embeddings(model, base, old, new, texts, max_cpu_s=1e-6)
+    with pytest.raises(ValueError, match="none of the"):
+        align_embeddings(model, base, old, new, ["hello world", "plain English"], max_steps=1)
+    with pytest.raises(TypeError, match="single str"):
+        align_embeddings(model, base, old, new, "中文", max_steps=1)
+    with pytest.raises(ValueError, match="extend old_tokenizer"):
+        align_embeddings(model, base, new, old, texts, max_steps=1)
+    with pytest.raises(ValueError, match="resize it first"):
+        align_embeddings(copy.deepcopy(base), base, old, new, texts, max_steps=1)
+    with pytest.raises(ValueError, match="input_layer"):
+        align_embeddings(model, base, old, new, texts, max_steps=1, input_layer=9)
+    with pytest.raises(ValueError, match="same object"):
+        align_embeddings(model, model, old, new, texts, max_steps=1)
