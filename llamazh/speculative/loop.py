@@ -26,6 +26,7 @@ from llamazh.integrations.hf_cache import (
     new_dynamic_cache,
     output_vocab_size,
 )
+from llamazh.integrations.hf_generation import resolve_generation
 from llamazh.sampling import SamplingConfig, block_presence
 from llamazh.speculative.drafters import Draft, Drafter, ModelDrafter
 from llamazh.speculative.verify import verify_greedy, verify_sampled
@@ -115,19 +116,6 @@ class _ThroughputSchedule:
         return self.k
 
 
-def _eos_set(eos_token_id: int | Sequence[int] | None) -> set[int]:
-    if eos_token_id is None:
-        return set()
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-            raise ValueError(
-                f"eos_token_id must be an int >= 0 or a list of them, got eos_token_id="
-                f"{eos_token_id!r}"
-            )
-    return set(ids)
-
-
 def _as_drafter(draft: Any, vocab: int) -> Drafter:
     if isinstance(draft, torch.nn.Module):
         draft = ModelDrafter(draft)
@@ -170,9 +158,18 @@ def _process(
     context_len: int,
     processors: Sequence[LogitsProcessor],
     sampling: SamplingConfig,
+    eos_mask_until: int = 0,
+    eos: Sequence[int] = (),
 ) -> Tensor:
-    """Target logits ``(1, m, V)`` for prefixes ``ids[:, :context_len + j]`` -> processed fp32."""
+    """Target logits ``(1, m, V)`` for prefixes ``ids[:, :context_len + j]`` -> processed fp32.
+
+    The ``eos`` ids get -inf at prefixes shorter than ``eos_mask_until`` (``min_length``).
+    """
     scores = logits.float()
+    masked = min(max(eos_mask_until - context_len, 0), scores.shape[1])
+    if masked and eos:
+        scores = scores.clone()
+        scores[:, :masked, list(eos)] = float("-inf")
     if processors:
         rows = []
         for j in range(scores.shape[1]):
@@ -197,16 +194,21 @@ def speculative_generate(
     draft: Any,
     input_ids: Tensor,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     num_draft_tokens: int = 4,
     schedule: str = "adaptive",
     max_draft_tokens: int | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    max_length: int | None = None,
+    min_new_tokens: int | None = None,
+    min_length: int | None = None,
+    generation_config: Any = None,
     generator: torch.Generator | None = None,
     logits_processor: Sequence[LogitsProcessor] | None = None,
     attention_mask: Tensor | None = None,
@@ -214,9 +216,12 @@ def speculative_generate(
 ) -> SpeculativeOutput:
     """Generate with a draft proposing tokens and ``target`` verifying them, exactly.
 
-    Greedy (``do_sample=False``): the output is the target's own greedy output token for token.
-    Sampling: the output is distributed as sampling from the target with the same
-    temperature/top-k/top-p/repetition penalty (Leviathan et al. 2023).
+    A drop-in for ``target.generate(input_ids, ...)`` at batch size 1: every setting left
+    ``None`` comes from ``generation_config``, then ``target.generation_config``, then
+    transformers' defaults, exactly as ``generate`` reads them (EOS ids, ``max_length`` = 20 new
+    tokens by default, ``top_k=50`` when sampling, ...). Greedy: the output is ``generate``'s
+    token for token, stopping included. Sampling: the output is distributed as sampling from the
+    target with the same temperature/top-k/top-p/repetition penalty (Leviathan et al. 2023).
 
     Args:
         target: transformers causal LM, eval mode.
@@ -224,7 +229,7 @@ def speculative_generate(
             :class:`~llamazh.speculative.ModelDrafter`) or any :class:`Drafter`, e.g.
             :class:`~llamazh.speculative.PromptLookupDrafter`.
         input_ids: ``(1, L)`` int64, ``L >= 1``, on the target's device.
-        max_new_tokens: >= 1 tokens to generate at most.
+        max_new_tokens: >= 1 tokens to generate at most (wins over ``max_length``).
         num_draft_tokens: >= 1 drafted tokens per step (the start value when adaptive).
         schedule: ``"constant"``; ``"adaptive"``: +2 after a step whose full draft was
             accepted, -1 (not below 1) after a rejection (Chinese-LLaMA-Alpaca-2's rule, also
@@ -233,7 +238,12 @@ def speculative_generate(
         max_draft_tokens: cap for the adaptive schedules (default ``4 * num_draft_tokens``).
         do_sample, temperature, top_k, top_p, repetition_penalty: as in ``model.generate``;
             applied to target and draft alike.
-        eos_token_id: id or ids that end generation (the EOS is kept in the output).
+        eos_token_id: id or ids that end generation (the EOS is kept in the output); ``[]``
+            for none.
+        pad_token_id: accepted for ``generate`` compatibility (one sequence is never padded).
+        max_length: total length limit (prompt included) when ``max_new_tokens`` is None.
+        min_new_tokens, min_length: EOS ids are masked until this many new / total tokens.
+        generation_config: a ``transformers.GenerationConfig`` used instead of the target's.
         generator: source of all randomness when sampling (default: one seeded from torch's
             global generator, so ``torch.manual_seed`` makes runs repeatable).
         logits_processor: callables ``(input_ids (1, l), scores (1, V)) -> scores`` applied to
@@ -250,7 +260,8 @@ def speculative_generate(
     Raises:
         ValueError/TypeError: empty or batched prompt, ``num_draft_tokens < 1``,
             ``temperature <= 0`` with sampling, vocabularies that differ, a cache that cannot
-            be rolled back (``StaticCache``), bad ``eos_token_id``.
+            be rolled back (``StaticCache``), bad ``eos_token_id``, a generation setting
+            ``generate`` would apply and this loop does not (beam search, ``stop_strings``, ...).
 
     Example:
         >>> out = speculative_generate(target, draft_model, ids, max_new_tokens=64)
@@ -258,13 +269,37 @@ def speculative_generate(
     """
     started = time.perf_counter()
     input_ids = _check_prompt(input_ids, attention_mask)
-    check_positive_int("max_new_tokens", max_new_tokens)
     check_positive_int("num_draft_tokens", num_draft_tokens)
     check_choice("schedule", schedule, ("adaptive", "constant", "throughput"))
     cap = 4 * num_draft_tokens if max_draft_tokens is None else max_draft_tokens
     check_positive_int("max_draft_tokens", cap, minimum=num_draft_tokens)
-    sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
-    eos = _eos_set(eos_token_id)
+    settings = resolve_generation(
+        target,
+        input_ids.shape[1],
+        generation_config,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        min_new_tokens=min_new_tokens,
+        min_length=min_length,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+    )
+    max_new_tokens = settings.max_new_tokens
+    do_sample = settings.do_sample
+    sampling = SamplingConfig(
+        do_sample,
+        settings.temperature,
+        settings.top_k,
+        settings.top_p,
+        settings.repetition_penalty,
+    )
+    eos = set(settings.eos_token_ids)
+    eos_mask_until = input_ids.shape[1] + settings.min_new_tokens  # min_length, as generate
     processors = list(logits_processor or [])
     vocab = output_vocab_size(target)
     drafter = _as_drafter(draft, vocab)
@@ -318,6 +353,8 @@ def speculative_generate(
             seq.shape[1],
             processors,
             sampling,
+            eos_mask_until,
+            settings.eos_token_ids,
         )  # (1, kd + 1, V)
         if scores.shape[-1] != vocab:
             raise ValueError(f"target logits have {scores.shape[-1]} entries, expected {vocab}")
