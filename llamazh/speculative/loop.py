@@ -29,6 +29,7 @@ from llamazh.integrations.hf_cache import (
 from llamazh.integrations.hf_generation import resolve_generation
 from llamazh.sampling import SamplingConfig, block_presence
 from llamazh.speculative.drafters import Draft, Drafter, ModelDrafter
+from llamazh.speculative.schedule import SCHEDULES, make_schedule
 from llamazh.speculative.verify import verify_greedy, verify_sampled
 
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
@@ -80,40 +81,6 @@ class SpeculativeOutput:
     @property
     def tokens_per_second(self) -> float:
         return self.num_new_tokens / self.elapsed_s if self.elapsed_s > 0 else float("nan")
-
-
-class _ThroughputSchedule:
-    """Pick the draft length that maximises expected tokens per second.
-
-    With per-token acceptance ``a`` (decayed running estimate, geometric model), draft cost
-    ``t_d`` per token and verification cost ``t_v`` per step (decayed running means of measured
-    wall time), a step drafting ``k`` tokens yields ``(1 - a^(k+1)) / (1 - a)`` tokens in
-    ``k t_d + t_v`` seconds (Leviathan et al. 2023, section 3.4).
-    """
-
-    decay = 0.8
-
-    def __init__(self, k: int, cap: int) -> None:
-        self.k, self.cap = k, cap
-        self.accepted, self.trials = 1.0, 2.0  # prior a = 0.5
-        self.t_draft: float | None = None
-        self.t_verify: float | None = None
-
-    def _mean(self, old: float | None, new: float) -> float:
-        return new if old is None else self.decay * old + (1 - self.decay) * new
-
-    def update(self, kd: int, n: int, draft_s: float, verify_s: float) -> int:
-        self.accepted = self.decay * self.accepted + n
-        self.trials = self.decay * self.trials + n + (n < kd)
-        self.t_draft = self._mean(self.t_draft, draft_s / kd)
-        self.t_verify = self._mean(self.t_verify, verify_s)
-        a = min(self.accepted / self.trials, 0.999)
-        rate = [
-            (1 - a ** (k + 1)) / (1 - a) / (k * self.t_draft + self.t_verify)
-            for k in range(1, self.cap + 1)
-        ]
-        self.k = 1 + max(range(self.cap), key=rate.__getitem__)
-        return self.k
 
 
 def _as_drafter(draft: Any, vocab: int) -> Drafter:
@@ -196,7 +163,7 @@ def speculative_generate(
     *,
     max_new_tokens: int | None = None,
     num_draft_tokens: int = 4,
-    schedule: str = "adaptive",
+    schedule: str = "auto",
     max_draft_tokens: int | None = None,
     do_sample: bool | None = None,
     temperature: float | None = None,
@@ -231,10 +198,14 @@ def speculative_generate(
         input_ids: ``(1, L)`` int64, ``L >= 1``, on the target's device.
         max_new_tokens: >= 1 tokens to generate at most (wins over ``max_length``).
         num_draft_tokens: >= 1 drafted tokens per step (the start value when adaptive).
-        schedule: ``"constant"``; ``"adaptive"``: +2 after a step whose full draft was
-            accepted, -1 (not below 1) after a rejection (Chinese-LLaMA-Alpaca-2's rule, also
-            transformers' "heuristic"); ``"throughput"``: the length maximising expected
-            tokens per second under the measured acceptance rate and draft/verify times.
+        schedule: ``"auto"`` (default): ``"adaptive"`` while drafting pays, plain decoding
+            steps with rare probes once the measured tokens per second of drafting fall below
+            those of plain steps, so a useless draft costs little
+            (:class:`~llamazh.speculative.schedule.CostGate`); ``"constant"``; ``"adaptive"``:
+            +2 after a step whose full draft was accepted, -1 (not below 1) after a rejection
+            (Chinese-LLaMA-Alpaca-2's rule, also transformers' "heuristic"); ``"throughput"``:
+            the length maximising expected tokens per second under the measured acceptance
+            rate and draft/verify times.
         max_draft_tokens: cap for the adaptive schedules (default ``4 * num_draft_tokens``).
         do_sample, temperature, top_k, top_p, repetition_penalty: as in ``model.generate``;
             applied to target and draft alike.
@@ -270,7 +241,7 @@ def speculative_generate(
     started = time.perf_counter()
     input_ids = _check_prompt(input_ids, attention_mask)
     check_positive_int("num_draft_tokens", num_draft_tokens)
-    check_choice("schedule", schedule, ("adaptive", "constant", "throughput"))
+    check_choice("schedule", schedule, SCHEDULES)
     cap = 4 * num_draft_tokens if max_draft_tokens is None else max_draft_tokens
     check_positive_int("max_draft_tokens", cap, minimum=num_draft_tokens)
     settings = resolve_generation(
@@ -333,12 +304,11 @@ def speculative_generate(
         out.target_forward_calls += 1
 
     seq = input_ids
-    k_next = num_draft_tokens
-    throughput = _ThroughputSchedule(num_draft_tokens, cap)
+    scheduler = make_schedule(schedule, num_draft_tokens, cap)
     draft_calls_before = getattr(drafter, "forward_calls", 0)
     while True:
         remaining = max_new_tokens - out.num_new_tokens
-        k = min(k_next, remaining - 1)
+        k = min(scheduler.k, remaining - 1)
         tick = time.perf_counter()
         proposal = drafter.draft(seq, k, sampling, generator) if k > 0 else Draft(seq[:, :0], None)
         tock = time.perf_counter()
@@ -374,13 +344,7 @@ def speculative_generate(
         out.accepted += n
         out.draft_lengths.append(kd)
         out.accepted_lengths.append(n)
-        if schedule == "throughput" and kd:
-            k_next = throughput.update(kd, n, tock - tick, time.perf_counter() - tock)
-        elif schedule == "adaptive" and kd:
-            if n < kd:
-                k_next = max(1, k_next - 1)
-            elif kd == k:  # the full draft asked for was accepted
-                k_next = min(cap, k_next + 2)
+        scheduler.update(k, kd, n, tock - tick, time.perf_counter() - tick)
 
         stop = False
         if eos:
