@@ -308,7 +308,10 @@ def speculative_generate(
     draft_calls_before = getattr(drafter, "forward_calls", 0)
     while True:
         remaining = max_new_tokens - out.num_new_tokens
-        k = min(scheduler.k, remaining - 1)
+        k = scheduler.k
+        if k and getattr(drafter, "adaptive_length", False):  # it sizes its own drafts
+            k = cap
+        k = min(k, remaining - 1)
         tick = time.perf_counter()
         proposal = drafter.draft(seq, k, sampling, generator) if k > 0 else Draft(seq[:, :0], None)
         tock = time.perf_counter()
