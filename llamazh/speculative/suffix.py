@@ -27,7 +27,7 @@ from torch import Tensor
 
 from llamazh._checks import check_positive_float, check_positive_int
 from llamazh.sampling import SamplingConfig
-from llamazh.speculative.drafters import Draft
+from llamazh.speculative.drafters import Draft, check_one_sequence
 
 _SEPARATOR = -1  # between corpus documents: no match or continuation crosses it
 
@@ -139,8 +139,7 @@ class SuffixDrafter:
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> Draft:
-        if input_ids.shape[0] != 1:
-            raise ValueError(f"SuffixDrafter drafts one sequence; got batch {input_ids.shape[0]}")
+        check_one_sequence(self, input_ids)
         empty = Draft(input_ids.new_empty(1, 0), None)
         seq = input_ids[0].cpu().numpy()
         self._sync(seq)

@@ -94,3 +94,8 @@ def test_greedy_equals_target_generate(hf_greedy, seed, period, max_new, corpus)
     assert out.sequences.tolist() == want.tolist()
     if corpus and max_new > 8:
         assert out.accepted > 0
+
+
+def test_a_batch_is_refused():
+    with pytest.raises(ValueError, match="SuffixDrafter drafts one sequence"):
+        SuffixDrafter().draft(torch.ones(2, 4, dtype=torch.long), 4, GREEDY, None)
