@@ -82,20 +82,22 @@ class CostGate:
     found nothing) measure the plain decoding rate. When the drafting rate falls below the plain
     rate, the gate closes: plain steps only, then one probe of ``probe_tokens`` after
     ``backoff`` steps, ``backoff`` doubling (up to ``max_backoff``) after every probe that does
-    not pay and resetting after one that does. A useless draft thus costs its first step and a
-    few probes; transformers' dynamic speculation and llama.cpp's ``n_min``/``p_min`` are the
+    not pay and resetting after one that does. The first step is such a probe. A useless draft
+    thus costs a few one-token probes; transformers' dynamic speculation and llama.cpp's ``n_min``/``p_min`` are the
     same idea, decided per token by the draft's confidence rather than by measured time.
     """
 
     decay = 0.7
-    first_backoff, max_backoff, probe_tokens = 8, 64, 1
+    first_backoff, max_backoff, probe_tokens = 16, 128, 1
 
     def __init__(self, k: int, cap: int) -> None:
         self.inner = HeuristicSchedule(k, cap)
-        self.k = k
+        # The first step is a probe too: a draft that pays goes on at k + 2 after it, one that
+        # does not has cost a single drafted token.
+        self.k = self.probe_tokens
         self.backoff = self.first_backoff
         self.wait = 0  # plain steps left before the next probe
-        self.probing = False
+        self.probing = True
         self.draft_tokens = self.draft_time = 0.0
         self.plain_time: float | None = None  # decayed mean seconds per plain step
 
