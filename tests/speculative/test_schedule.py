@@ -56,8 +56,8 @@ def test_throughput_schedule_prefers_long_drafts_when_they_pay():
 
 
 class _SlowNoise:
-    """A drafter that takes 250 ms (far above any timing noise) and always proposes token 0, which the target never picks
-    here (checked against its greedy output)."""
+    """A drafter that takes 250 ms (far above any timing noise) and always proposes token 0,
+    which the target never picks here (checked against its greedy output)."""
 
     calls = 0
 
