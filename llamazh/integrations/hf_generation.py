@@ -72,6 +72,14 @@ class GenerationSettings:
     repetition_penalty: float
 
 
+def _class_default(configs: list[Any], name: str) -> Any:
+    """``name``'s value in a fresh config of the same class (None where nothing is set)."""
+    try:
+        return getattr(type(configs[0])(), name, None) if configs else None
+    except Exception:  # a config class that cannot be built without arguments
+        return None
+
+
 def _token_ids(name: str, value: Any) -> tuple[int, ...]:
     """``None``, an id, or a list of ids -> a tuple of ids (checked)."""
     if value is None:
@@ -133,6 +141,8 @@ def resolve_generation(
     max_length = kwargs.get("max_length")
     if max_new is None and max_length is None:
         max_new, max_length = first("max_new_tokens"), first("max_length")
+        if max_length is not None and max_length == _class_default(configs, "max_length"):
+            max_length = None  # older releases store the default 20 itself: still "unset"
     if max_new is not None:
         check_positive_int("max_new_tokens", max_new)
     elif max_length is not None:
