@@ -25,6 +25,11 @@ CPU time by default (``--clock wall`` for wall time), so that other jobs on a sh
 bias no method; ``tokens/target forward`` does not depend on timing at all. Prints a table,
 writes ``table.md``, ``results.csv`` and ``speedup_vs_draft_tokens.png`` into a new run
 directory under ``benchmarks/results/``.
+
+``--smollm2`` runs ``benchmarks/speculative_smollm2.py`` instead: SmolLM2-135M-Instruct on
+input-grounded (repeat, edit, extract, summarise with quotes) and open-ended chat prompts,
+``generate`` vs transformers' prompt lookup vs llamazh's prompt lookup and suffix drafters and
+a useless draft model, greedy outputs checked identical.
 """
 
 from __future__ import annotations
@@ -242,6 +247,13 @@ def run_methods(target, draft, prompts, max_new: int, ks: list[int], clock):
 
 
 def main() -> None:
+    import sys
+
+    if "--smollm2" in sys.argv:  # the real-model run: input-grounded and open chat prompts
+        sys.argv.remove("--smollm2")
+        from speculative_smollm2 import main as smollm2_main
+
+        return smollm2_main()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "speculative")
     parser.add_argument("--train-steps", type=int, default=200)

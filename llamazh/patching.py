@@ -7,12 +7,18 @@ list of :class:`Change`; :func:`patch` gathers them into one :class:`PatchHandle
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 from llamazh._change import Change
 
 __all__ = ["Change", "PatchHandle", "patch"]
+
+# Live handles per model, oldest first. Each change records what was there *before it*, so only
+# the newest live handle can be undone without resurrecting an older patch's state.
+_LIVE: weakref.WeakKeyDictionary[Any, list[PatchHandle]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -30,12 +36,28 @@ class PatchHandle:
     undone: bool = False
 
     def undo(self) -> None:
-        """Revert every change, newest first. Raises ``RuntimeError`` if called twice."""
+        """Revert every change, newest first, restoring the model as it was before this patch.
+
+        Raises:
+            RuntimeError: called twice, or a later patch of the same model is still live (undo
+                that one first; nothing is changed then).
+        """
         if self.undone:
             raise RuntimeError("this patch has already been undone")
+        live = _LIVE.get(self.model, [])
+        at = next((i for i, h in enumerate(live) if h is self), None)  # identity, not ==
+        if at is not None and at != len(live) - 1:
+            newer = live[at + 1 :]
+            raise RuntimeError(
+                f"patches of one model must be undone newest first: {len(newer)} later patch(es) "
+                f"of this {type(self.model).__name__} are still live ({newer[-1].describe()[:2]}"
+                "...); undo them first. Nothing was changed."
+            )
         for change in reversed(self.changes):
             change.undo()
         self.undone = True
+        if at is not None:
+            del live[at]
 
     def describe(self) -> list[str]:
         """One line per change, in the order they were made."""
@@ -91,4 +113,6 @@ def patch(
     except BaseException:
         handle.undo()  # leave the model as it was when any part fails
         raise
+    with contextlib.suppress(TypeError):  # no weak references: the order is then not checked
+        _LIVE.setdefault(model, []).append(handle)
     return handle

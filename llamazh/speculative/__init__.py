@@ -1,6 +1,6 @@
 """Speculative decoding: exact verification, drafters, and the generation loop.
 
-``from llamazh.speculative import speculative_generate, PromptLookupDrafter``.
+``from llamazh.speculative import speculative_generate, PromptLookupDrafter, SuffixDrafter``.
 """
 
 from llamazh.speculative.drafters import (
@@ -11,6 +11,7 @@ from llamazh.speculative.drafters import (
     common_prefix_length,
 )
 from llamazh.speculative.loop import SpeculativeOutput, speculative_generate
+from llamazh.speculative.suffix import SuffixDrafter
 from llamazh.speculative.verify import Verdict, verify_greedy, verify_sampled
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ModelDrafter",
     "PromptLookupDrafter",
     "SpeculativeOutput",
+    "SuffixDrafter",
     "Verdict",
     "common_prefix_length",
     "speculative_generate",

@@ -56,6 +56,14 @@ class Drafter(Protocol):
     ) -> Draft: ...
 
 
+def check_one_sequence(drafter: object, input_ids: Tensor) -> None:
+    """Raise ``ValueError`` unless ``input_ids`` is one sequence ``(1, L)``."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"{type(drafter).__name__} drafts one sequence; got batch {input_ids.shape[0]}"
+        )
+
+
 def common_prefix_length(a: Tensor, b: Tensor) -> int:
     """Length of the longest common prefix of two 1-D tensors."""
     n = min(a.shape[0], b.shape[0])
@@ -115,8 +123,7 @@ class ModelDrafter:
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> Draft:
-        if input_ids.shape[0] != 1:
-            raise ValueError(f"ModelDrafter drafts one sequence; got batch {input_ids.shape[0]}")
+        check_one_sequence(self, input_ids)
         seq = input_ids[0]
         if self._tokens.device != seq.device:
             self._tokens = self._tokens.to(seq.device)
@@ -180,10 +187,7 @@ class PromptLookupDrafter:
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> Draft:
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"PromptLookupDrafter drafts one sequence; got batch {input_ids.shape[0]}"
-            )
+        check_one_sequence(self, input_ids)
         seq = input_ids[0]
         length = seq.shape[0]
         for n in range(min(self.max_ngram_size, length - 1), self.min_ngram_size - 1, -1):

@@ -26,8 +26,10 @@ from llamazh.integrations.hf_cache import (
     new_dynamic_cache,
     output_vocab_size,
 )
+from llamazh.integrations.hf_generation import resolve_generation
 from llamazh.sampling import SamplingConfig, block_presence
 from llamazh.speculative.drafters import Draft, Drafter, ModelDrafter
+from llamazh.speculative.schedule import SCHEDULES, make_schedule
 from llamazh.speculative.verify import verify_greedy, verify_sampled
 
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
@@ -81,53 +83,6 @@ class SpeculativeOutput:
         return self.num_new_tokens / self.elapsed_s if self.elapsed_s > 0 else float("nan")
 
 
-class _ThroughputSchedule:
-    """Pick the draft length that maximises expected tokens per second.
-
-    With per-token acceptance ``a`` (decayed running estimate, geometric model), draft cost
-    ``t_d`` per token and verification cost ``t_v`` per step (decayed running means of measured
-    wall time), a step drafting ``k`` tokens yields ``(1 - a^(k+1)) / (1 - a)`` tokens in
-    ``k t_d + t_v`` seconds (Leviathan et al. 2023, section 3.4).
-    """
-
-    decay = 0.8
-
-    def __init__(self, k: int, cap: int) -> None:
-        self.k, self.cap = k, cap
-        self.accepted, self.trials = 1.0, 2.0  # prior a = 0.5
-        self.t_draft: float | None = None
-        self.t_verify: float | None = None
-
-    def _mean(self, old: float | None, new: float) -> float:
-        return new if old is None else self.decay * old + (1 - self.decay) * new
-
-    def update(self, kd: int, n: int, draft_s: float, verify_s: float) -> int:
-        self.accepted = self.decay * self.accepted + n
-        self.trials = self.decay * self.trials + n + (n < kd)
-        self.t_draft = self._mean(self.t_draft, draft_s / kd)
-        self.t_verify = self._mean(self.t_verify, verify_s)
-        a = min(self.accepted / self.trials, 0.999)
-        rate = [
-            (1 - a ** (k + 1)) / (1 - a) / (k * self.t_draft + self.t_verify)
-            for k in range(1, self.cap + 1)
-        ]
-        self.k = 1 + max(range(self.cap), key=rate.__getitem__)
-        return self.k
-
-
-def _eos_set(eos_token_id: int | Sequence[int] | None) -> set[int]:
-    if eos_token_id is None:
-        return set()
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-            raise ValueError(
-                f"eos_token_id must be an int >= 0 or a list of them, got eos_token_id="
-                f"{eos_token_id!r}"
-            )
-    return set(ids)
-
-
 def _as_drafter(draft: Any, vocab: int) -> Drafter:
     if isinstance(draft, torch.nn.Module):
         draft = ModelDrafter(draft)
@@ -170,9 +125,18 @@ def _process(
     context_len: int,
     processors: Sequence[LogitsProcessor],
     sampling: SamplingConfig,
+    eos_mask_until: int = 0,
+    eos: Sequence[int] = (),
 ) -> Tensor:
-    """Target logits ``(1, m, V)`` for prefixes ``ids[:, :context_len + j]`` -> processed fp32."""
+    """Target logits ``(1, m, V)`` for prefixes ``ids[:, :context_len + j]`` -> processed fp32.
+
+    The ``eos`` ids get -inf at prefixes shorter than ``eos_mask_until`` (``min_length``).
+    """
     scores = logits.float()
+    masked = min(max(eos_mask_until - context_len, 0), scores.shape[1])
+    if masked and eos:
+        scores = scores.clone()
+        scores[:, :masked, list(eos)] = float("-inf")
     if processors:
         rows = []
         for j in range(scores.shape[1]):
@@ -197,16 +161,21 @@ def speculative_generate(
     draft: Any,
     input_ids: Tensor,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     num_draft_tokens: int = 4,
-    schedule: str = "adaptive",
+    schedule: str = "auto",
     max_draft_tokens: int | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    max_length: int | None = None,
+    min_new_tokens: int | None = None,
+    min_length: int | None = None,
+    generation_config: Any = None,
     generator: torch.Generator | None = None,
     logits_processor: Sequence[LogitsProcessor] | None = None,
     attention_mask: Tensor | None = None,
@@ -214,9 +183,12 @@ def speculative_generate(
 ) -> SpeculativeOutput:
     """Generate with a draft proposing tokens and ``target`` verifying them, exactly.
 
-    Greedy (``do_sample=False``): the output is the target's own greedy output token for token.
-    Sampling: the output is distributed as sampling from the target with the same
-    temperature/top-k/top-p/repetition penalty (Leviathan et al. 2023).
+    A drop-in for ``target.generate(input_ids, ...)`` at batch size 1: every setting left
+    ``None`` comes from ``generation_config``, then ``target.generation_config``, then
+    transformers' defaults, exactly as ``generate`` reads them (EOS ids, ``max_length`` = 20 new
+    tokens by default, ``top_k=50`` when sampling, ...). Greedy: the output is ``generate``'s
+    token for token, stopping included. Sampling: the output is distributed as sampling from the
+    target with the same temperature/top-k/top-p/repetition penalty (Leviathan et al. 2023).
 
     Args:
         target: transformers causal LM, eval mode.
@@ -224,16 +196,25 @@ def speculative_generate(
             :class:`~llamazh.speculative.ModelDrafter`) or any :class:`Drafter`, e.g.
             :class:`~llamazh.speculative.PromptLookupDrafter`.
         input_ids: ``(1, L)`` int64, ``L >= 1``, on the target's device.
-        max_new_tokens: >= 1 tokens to generate at most.
+        max_new_tokens: >= 1 tokens to generate at most (wins over ``max_length``).
         num_draft_tokens: >= 1 drafted tokens per step (the start value when adaptive).
-        schedule: ``"constant"``; ``"adaptive"``: +2 after a step whose full draft was
-            accepted, -1 (not below 1) after a rejection (Chinese-LLaMA-Alpaca-2's rule, also
-            transformers' "heuristic"); ``"throughput"``: the length maximising expected
-            tokens per second under the measured acceptance rate and draft/verify times.
+        schedule: ``"auto"`` (default): ``"adaptive"`` while drafting pays, plain decoding
+            steps with rare probes once the measured tokens per second of drafting fall below
+            those of plain steps, so a useless draft costs little
+            (:class:`~llamazh.speculative.schedule.CostGate`); ``"constant"``; ``"adaptive"``:
+            +2 after a step whose full draft was accepted, -1 (not below 1) after a rejection
+            (Chinese-LLaMA-Alpaca-2's rule, also transformers' "heuristic"); ``"throughput"``:
+            the length maximising expected tokens per second under the measured acceptance
+            rate and draft/verify times.
         max_draft_tokens: cap for the adaptive schedules (default ``4 * num_draft_tokens``).
         do_sample, temperature, top_k, top_p, repetition_penalty: as in ``model.generate``;
             applied to target and draft alike.
-        eos_token_id: id or ids that end generation (the EOS is kept in the output).
+        eos_token_id: id or ids that end generation (the EOS is kept in the output); ``[]``
+            for none.
+        pad_token_id: accepted for ``generate`` compatibility (one sequence is never padded).
+        max_length: total length limit (prompt included) when ``max_new_tokens`` is None.
+        min_new_tokens, min_length: EOS ids are masked until this many new / total tokens.
+        generation_config: a ``transformers.GenerationConfig`` used instead of the target's.
         generator: source of all randomness when sampling (default: one seeded from torch's
             global generator, so ``torch.manual_seed`` makes runs repeatable).
         logits_processor: callables ``(input_ids (1, l), scores (1, V)) -> scores`` applied to
@@ -250,7 +231,8 @@ def speculative_generate(
     Raises:
         ValueError/TypeError: empty or batched prompt, ``num_draft_tokens < 1``,
             ``temperature <= 0`` with sampling, vocabularies that differ, a cache that cannot
-            be rolled back (``StaticCache``), bad ``eos_token_id``.
+            be rolled back (``StaticCache``), bad ``eos_token_id``, a generation setting
+            ``generate`` would apply and this loop does not (beam search, ``stop_strings``, ...).
 
     Example:
         >>> out = speculative_generate(target, draft_model, ids, max_new_tokens=64)
@@ -258,13 +240,37 @@ def speculative_generate(
     """
     started = time.perf_counter()
     input_ids = _check_prompt(input_ids, attention_mask)
-    check_positive_int("max_new_tokens", max_new_tokens)
     check_positive_int("num_draft_tokens", num_draft_tokens)
-    check_choice("schedule", schedule, ("adaptive", "constant", "throughput"))
+    check_choice("schedule", schedule, SCHEDULES)
     cap = 4 * num_draft_tokens if max_draft_tokens is None else max_draft_tokens
     check_positive_int("max_draft_tokens", cap, minimum=num_draft_tokens)
-    sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
-    eos = _eos_set(eos_token_id)
+    settings = resolve_generation(
+        target,
+        input_ids.shape[1],
+        generation_config,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        min_new_tokens=min_new_tokens,
+        min_length=min_length,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+    )
+    max_new_tokens = settings.max_new_tokens
+    do_sample = settings.do_sample
+    sampling = SamplingConfig(
+        do_sample,
+        settings.temperature,
+        settings.top_k,
+        settings.top_p,
+        settings.repetition_penalty,
+    )
+    eos = set(settings.eos_token_ids)
+    eos_mask_until = input_ids.shape[1] + settings.min_new_tokens  # min_length, as generate
     processors = list(logits_processor or [])
     vocab = output_vocab_size(target)
     drafter = _as_drafter(draft, vocab)
@@ -298,12 +304,14 @@ def speculative_generate(
         out.target_forward_calls += 1
 
     seq = input_ids
-    k_next = num_draft_tokens
-    throughput = _ThroughputSchedule(num_draft_tokens, cap)
+    scheduler = make_schedule(schedule, num_draft_tokens, cap)
     draft_calls_before = getattr(drafter, "forward_calls", 0)
     while True:
         remaining = max_new_tokens - out.num_new_tokens
-        k = min(k_next, remaining - 1)
+        k = scheduler.k
+        if k and getattr(drafter, "adaptive_length", False):  # it sizes its own drafts
+            k = cap
+        k = min(k, remaining - 1)
         tick = time.perf_counter()
         proposal = drafter.draft(seq, k, sampling, generator) if k > 0 else Draft(seq[:, :0], None)
         tock = time.perf_counter()
@@ -318,6 +326,8 @@ def speculative_generate(
             seq.shape[1],
             processors,
             sampling,
+            eos_mask_until,
+            settings.eos_token_ids,
         )  # (1, kd + 1, V)
         if scores.shape[-1] != vocab:
             raise ValueError(f"target logits have {scores.shape[-1]} entries, expected {vocab}")
@@ -337,13 +347,7 @@ def speculative_generate(
         out.accepted += n
         out.draft_lengths.append(kd)
         out.accepted_lengths.append(n)
-        if schedule == "throughput" and kd:
-            k_next = throughput.update(kd, n, tock - tick, time.perf_counter() - tock)
-        elif schedule == "adaptive" and kd:
-            if n < kd:
-                k_next = max(1, k_next - 1)
-            elif kd == k:  # the full draft asked for was accepted
-                k_next = min(cap, k_next + 2)
+        scheduler.update(k, kd, n, tock - tick, time.perf_counter() - tick)
 
         stop = False
         if eos:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import llamazh
 from llamazh.rope import DynamicNTKScaling, NTKScaling, YaRNScaling
-from llamazh.speculative import speculative_generate
+from llamazh.speculative import PromptLookupDrafter, SuffixDrafter, speculative_generate
 from llamazh.templates import IGNORE_INDEX, get_template
 
 pytestmark = pytest.mark.slow
@@ -138,6 +138,18 @@ def test_speculative_greedy_equals_generate(smollm2, prompt, reference, draft_ki
     assert out.new_tokens.reshape(-1).tolist() == expected.tolist()
     if draft_kind == "same":
         assert out.acceptance_rate == 1.0
+
+
+@pytest.mark.parametrize("drafter", [PromptLookupDrafter, SuffixDrafter])
+def test_speculative_stops_where_generate_stops(smollm2, prompt, drafter):
+    """No stop argument anywhere: both read generation_config (eos = pad = <|im_end|> = 2)."""
+    model, _ = smollm2
+    ids, mask = prompt
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=80)
+    out = speculative_generate(model, drafter(), ids, max_new_tokens=80)
+    assert out.sequences.tolist() == want.tolist()
+    assert want[0, -1] == 2 and want.shape[1] < ids.shape[1] + 80  # it stopped at <|im_end|>
 
 
 FIXTURES = Path(__file__).parent.parent / "templates" / "fixtures"

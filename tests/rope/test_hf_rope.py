@@ -272,3 +272,31 @@ def test_rope_and_attention_patched_together():
         assert model.generate(ids[:, :6], max_new_tokens=4, do_sample=False).shape == (2, 10)
     assert model.config._attn_implementation == "sdpa"
     assert model.config.rope_parameters == {"rope_theta": 10000.0, "rope_type": "default"}
+
+
+def test_patches_undone_out_of_order_are_refused_and_in_order_restore_bit_for_bit():
+    model = tiny_llama()
+    ids = _ids(12)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    config = model.config.to_dict()
+    before = model(ids).logits
+    first = llamazh.patch(model, rope=YaRNScaling(4.0, 16))
+    second = llamazh.patch(model, rope=LinearScaling(2.0), attention="eager")
+    patched = model(ids).logits
+    with pytest.raises(RuntimeError, match="newest first"):
+        first.undo()
+    assert not first.undone and torch.equal(model(ids).logits, patched)  # nothing changed
+    second.undo()
+    first.undo()
+    assert model.config.to_dict() == config
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(model(ids).logits, before)
+    with pytest.raises(RuntimeError, match="already"):
+        first.undo()
+    # a new patch after both were undone is independent of them
+    with llamazh.patch(model, rope=LinearScaling(2.0)):
+        assert not torch.equal(model(ids).logits, before)
+    assert torch.equal(model(ids).logits, before)

@@ -19,14 +19,15 @@ def _one_thread():
 
 
 def _hf_greedy(model, input_ids, max_new_tokens, eos_token_id=None, **kwargs):
-    """The target's own greedy output, as transformers' generate produces it."""
+    """The target's own greedy output, as transformers' generate produces it (``eos_token_id``
+    None: the model's ``generation_config`` decides, as it does for speculative_generate)."""
+    if eos_token_id is not None:
+        kwargs["eos_token_id"] = eos_token_id
     return model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=eos_token_id if eos_token_id is not None else [],
-        pad_token_id=0,
         **kwargs,
     )
 

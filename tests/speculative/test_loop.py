@@ -23,7 +23,7 @@ def _prompt(seed, length, vocab=256):
     prompt_len=st.integers(1, 12),
     max_new=st.integers(1, 40),
     k=st.integers(1, 6),
-    schedule=st.sampled_from(["adaptive", "constant", "throughput"]),
+    schedule=st.sampled_from(["auto", "adaptive", "constant", "throughput"]),
 )
 def test_greedy_equals_target_generate(
     hf_greedy, target_seed, draft_seed, prompt_len, max_new, k, schedule
