@@ -306,6 +306,12 @@ def load_adapter(
             head_name=names[head].rpartition(".")[2],
             tied=tied,
         )
+        if tied and cfg.embeddings != cfg.lm_head:
+            raise ValueError(
+                f"adapter {str(path)!r} trains embed_tokens as {cfg.embeddings!r} and lm_head as "
+                f"{cfg.lm_head!r} (two matrices) but the model ties them; load it into a base "
+                "with tie_word_embeddings=False"
+            )
         _check_vocab(cfg, tensors, names[embed], names[head], embed.weight.shape[0], path)
         prepared = prepare_for_training(
             model,

@@ -204,7 +204,7 @@ class AdapterConfig:
         ids: list[int] = []
         if isinstance(indices, list):
             indices = {embed_name: indices}
-        if tied and indices and head_name not in indices and embed_name in indices:
+        if tied and embed_name in (indices or {}) and modes[head_name] == "frozen":
             indices = {**indices, head_name: indices[embed_name]}
         for name, idx in (indices or {}).items():
             if name not in modes:
