@@ -296,7 +296,7 @@ def load_adapter(
     prepared = prepared_of(model)
     created = prepared is None
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and head.weight is embed.weight
+    tied = prepared.tied if prepared else head is not None and head.weight is embed.weight
     check_fits(path, read_metadata(path), vocab=embed.weight.shape[0], tied=tied)
     if created:
         names = {m: n for n, m in model.named_modules() if m is embed or m is head}

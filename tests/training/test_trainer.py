@@ -115,3 +115,50 @@ def test_peft_model_is_refused_with_the_way_out(make_model):
         peft_model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"already a PEFT model.*get_base_model"):
         prepare_for_training(peft_model)
+
+
+def _word_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t2", pad_token="t1")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trl_sft_trainer_checkpoints_are_adapters(tmp_path, make_model, new_ids, tied):
+    trl = pytest.importorskip("trl", reason="TRL is optional (it needs accelerate >= 1.10)")
+    datasets = pytest.importorskip("datasets")
+    from peft import PeftModel
+
+    prepared = prepare_for_training(
+        make_model(tied=tied), rank=4, alpha=8, embeddings="new_rows", new_token_ids=new_ids
+    )
+    rows = [{"input_ids": ids.tolist()} for ids in (x["input_ids"] for x in _dataset(8))]
+    args = trl.SFTConfig(
+        str(tmp_path / "sft"),
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        use_cpu=True,
+        bf16=False,  # else accelerate wraps the live forward in autocast: compare in fp32
+        report_to=[],
+        disable_tqdm=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.SFTTrainer(
+            model=prepared.model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=_word_tokenizer(256),
+        )
+        trainer.train()
+        ckpt = tmp_path / "sft" / "checkpoint-2"
+        assert not (ckpt / "model.safetensors").exists()
+        ids = torch.tensor([rows[0]["input_ids"]])
+        prepared.model.eval()
+        peft_model = PeftModel.from_pretrained(make_model(tied=tied), str(ckpt))
+    assert_close(peft_model(ids).logits, prepared.model(ids).logits.double(), name="TRL ckpt")
