@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from llamazh.cli import main
+from llamazh.training.train import check_deepspeed_config
 
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,6 +94,8 @@ def test_bad_input_is_refused_before_training(tmp_path, workdir, capsys):
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     assert main(_argv(workdir, "pt", out, "--deepspeed", str(ds))) == 2
     assert "stage3_gather_16bit_weights_on_model_save" in capsys.readouterr().err
+    for shipped in ("zero2.json", "zero3.json"):  # the example configs pass the check
+        check_deepspeed_config(ROOT / "examples" / "deepspeed" / shipped)
     assert main(_argv(workdir, "pt", out, "--resume", str(workdir / "model"))) == 2
     assert "not an adapter checkpoint" in capsys.readouterr().err
     assert main(_argv(workdir, "sft", out, "--template", "nope")) == 2
