@@ -82,8 +82,35 @@ def check_deepspeed_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def trainer_problem() -> str | None:
+    """Why transformers' ``Trainer`` cannot run with the installed accelerate, or None.
+
+    transformers' Trainer calls ``Accelerator.unwrap_model(..., keep_torch_compile=False)``,
+    which accelerate 1.1-1.3 lack (detected by signature, not by version number).
+
+    Example:
+        >>> trainer_problem() is None  # a recent accelerate
+        True
+    """
+    import inspect
+
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        return "transformers' Trainer needs accelerate: pip install accelerate"
+    if "keep_torch_compile" not in inspect.signature(Accelerator.unwrap_model).parameters:
+        return (
+            "transformers' Trainer passes keep_torch_compile to accelerate's unwrap_model, which "
+            "the installed accelerate lacks: pip install -U accelerate"
+        )
+    return None
+
+
 def check_run(cfg: RunConfig) -> None:
     """Every check that needs no model: files exist, the output is free, values in range."""
+    problem = trainer_problem()
+    if problem:
+        raise ValueError(problem)
     if cfg.stage not in DEFAULTS:
         raise ValueError(f"stage must be 'pt' or 'sft', got {cfg.stage!r}")
     if not (cfg.model / "config.json").is_file():

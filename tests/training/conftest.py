@@ -7,6 +7,20 @@ import torch
 
 from llamazh.testing import tiny_llama
 
+
+@pytest.fixture
+def trainer_runs() -> None:
+    """Skip where transformers' Trainer cannot run (accelerate too old for it, e.g. the
+    low-end pins: transformers 5.17 with accelerate 1.1). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("trainer_runs")``."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from llamazh.training.train import trainer_problem
+
+    problem = trainer_problem()
+    if problem:
+        pytest.skip(problem)
+
+
 VOCAB = 256
 NEW_IDS = list(range(200, 256))  # the "vocabulary extension": the last 56 rows
 

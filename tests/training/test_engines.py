@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from llamazh.testing import assert_close, tiny_llama
 from llamazh.training import load_adapter
 
-pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+pytestmark = pytest.mark.usefixtures("trainer_runs")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not built", allow_module_level=True)
 

@@ -1,5 +1,6 @@
 """An adapter goes only where it fits: PEFT's tied adapters follow the tie (as PEFT's own
-merge_and_unload does), vocabulary and tie mismatches are refused, loading returns eval mode."""
+merge_and_unload does), vocabulary and tie mismatches are refused, loading returns eval mode;
+a prepared model's save_pretrained writes its adapter; a PEFT model is refused."""
 
 from __future__ import annotations
 
@@ -101,3 +102,27 @@ def test_loaded_model_is_in_eval_mode(tmp_path, make_model):
     save_adapter(prepared, tmp_path / "a")
     assert not load_adapter(make_model().train(), tmp_path / "a").model.training
     assert load_adapter(make_model().train(), tmp_path / "a", trainable=True).model.training
+
+
+def test_plain_save_pretrained_writes_the_adapter(tmp_path, make_model, new_ids, perturb):
+    model = make_model(tied=True)
+    prepared = prepare_for_training(
+        model, rank=2, alpha=4, embeddings="new_rows", new_token_ids=new_ids
+    )
+    perturb(prepared)
+    model.save_pretrained(tmp_path / "a")  # crashed on the shared rows before
+    merge_base = tmp_path / "base"
+    make_model(tied=True).save_pretrained(merge_base)
+    merge_adapters(merge_base, tmp_path / "a", tmp_path / "merged", progress=False)
+    prepared.undo()
+    assert "save_pretrained" not in model.__dict__
+    model.save_pretrained(tmp_path / "whole")  # the stock method again
+    assert (tmp_path / "whole" / "model.safetensors").is_file()
+
+
+def test_peft_model_is_refused_with_the_way_out(make_model, make_peft):
+    from peft import LoraConfig
+
+    peft_model = make_peft(make_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"already a PEFT model.*get_base_model"):
+        prepare_for_training(peft_model)

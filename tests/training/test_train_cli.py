@@ -14,7 +14,7 @@ import pytest
 from llamazh.cli import main
 from llamazh.training.train import check_deepspeed_config
 
-pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+pytestmark = pytest.mark.usefixtures("trainer_runs")
 ROOT = Path(__file__).resolve().parents[2]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

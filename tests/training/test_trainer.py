@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from llamazh.testing import assert_close
-from llamazh.training import load_adapter, merge_adapters, prepare_for_training
+from llamazh.training import load_adapter, prepare_for_training
 
-pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+pytestmark = pytest.mark.usefixtures("trainer_runs")
 
 CASES = [(True, "new_rows"), (True, "full"), (False, "new_rows"), (False, "full")]
 
@@ -89,32 +89,6 @@ def test_checkpoints_are_adapters_and_resume_is_exact(
     assert done.keys() == resumed.keys()
     for key in done:
         assert torch.equal(done[key], resumed[key]), key
-
-
-def test_plain_save_pretrained_writes_the_adapter(tmp_path, make_model, new_ids, perturb):
-    model = make_model(tied=True)
-    prepared = prepare_for_training(
-        model, rank=2, alpha=4, embeddings="new_rows", new_token_ids=new_ids
-    )
-    perturb(prepared)
-    model.save_pretrained(tmp_path / "a")  # crashed on the shared rows before
-    merge_base = tmp_path / "base"
-    make_model(tied=True).save_pretrained(merge_base)
-    merge_adapters(merge_base, tmp_path / "a", tmp_path / "merged", progress=False)
-    prepared.undo()
-    assert "save_pretrained" not in model.__dict__
-    model.save_pretrained(tmp_path / "whole")  # the stock method again
-    assert (tmp_path / "whole" / "model.safetensors").is_file()
-
-
-def test_peft_model_is_refused_with_the_way_out(make_model):
-    from peft import LoraConfig, get_peft_model
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match=r"already a PEFT model.*get_base_model"):
-        prepare_for_training(peft_model)
 
 
 def _word_tokenizer(vocab: int):
