@@ -183,7 +183,10 @@ def test_llamazh_train_pt_and_sft_on_smollm2(smollm2, tmp_path, corpus_path):
 
     from llamazh.cli import main
     from llamazh.pretrained import smollm2_dir
+    from llamazh.training.train import trainer_problem
 
+    if trainer_problem():
+        pytest.skip(trainer_problem())
     lines = Path(corpus_path("zh_d2l.txt")).read_text(encoding="utf-8").splitlines()[:40]
     (tmp_path / "zh.txt").write_text("\n".join(lines), encoding="utf-8")
     records = [{"instruction": line[:16], "output": line[16:48]} for line in lines[:8]]
