@@ -96,6 +96,12 @@ def adapter_state_dict(
     Raises:
         ValueError: a tensor is missing from ``state_dict`` or is a ZeRO-3 partition.
     """
+    if state_dict is not None and not state_dict:  # what Trainer hands over when it cannot gather
+        raise ValueError(
+            "save_pretrained got an empty state_dict: under DeepSpeed ZeRO-3 Trainer gathers the "
+            "weights only with zero_optimization.stage3_gather_16bit_weights_on_model_save=true; "
+            "set it (examples/deepspeed/zero3.json)"
+        )
     out: dict[str, Tensor] = {}
     for key, live in _entries(prepared).items():
         if state_dict is not None:

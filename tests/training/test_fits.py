@@ -126,3 +126,10 @@ def test_peft_model_is_refused_with_the_way_out(make_model, make_peft):
     peft_model = make_peft(make_model(), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"already a PEFT model.*get_base_model"):
         prepare_for_training(peft_model)
+
+
+def test_empty_state_dict_names_the_zero3_fix(tmp_path, make_model):
+    prepared = prepare_for_training(make_model(), rank=2, alpha=4)
+    with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):
+        prepared.model.save_pretrained(tmp_path / "a", state_dict={})
+    assert not (tmp_path / "a").exists()
