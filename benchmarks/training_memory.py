@@ -22,6 +22,12 @@ frozen original (+2VH weights).
     PYTHONPATH=. python benchmarks/training_memory.py            # 8 layers, hidden 1024, V=55,296
     PYTHONPATH=. python benchmarks/training_memory.py --layers 2 --hidden 256 --vocab 8192 \\
         --new 3000 --intermediate 704 --rank 8
+    # a slice of a 7B: two Llama-2-7B decoder layers with Chinese-LLaMA-2's 55,296-row vocabulary
+    PYTHONPATH=. python benchmarks/training_memory.py --layers 2 --hidden 4096 \\
+        --intermediate 11008 --seq 1024 --steps 1
+    # SmolLM2-135M's shape (tied), 4,096 new rows
+    PYTHONPATH=. python benchmarks/training_memory.py --layers 30 --hidden 576 --kv-heads 3 \\
+        --intermediate 1536 --vocab 53248 --new 4096 --tied --seq 1024
 """
 
 from __future__ import annotations
@@ -64,9 +70,9 @@ def worker(args: argparse.Namespace) -> dict:
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 64,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
+        num_key_value_heads=args.kv_heads or args.hidden // 64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=args.tied,
         use_cache=False,
     )
     model = LlamaForCausalLM(config).train()
@@ -96,6 +102,8 @@ def worker(args: argparse.Namespace) -> dict:
             {"modules_to_save": ["embed_tokens", "lm_head"]}
             if mode == "modules_to_save"
             else {"trainable_token_indices": {"embed_tokens": new_ids, "lm_head": new_ids}}
+            if not args.tied
+            else {"trainable_token_indices": {"embed_tokens": new_ids}}  # PEFT ties the lm_head
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -156,6 +164,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kv-heads", type=int, default=0, help="default: hidden // 64")
+    parser.add_argument("--tied", action="store_true", help="tie lm_head to the embedding")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -172,7 +182,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(args.threads)}
     forwarded = [
-        f"--{k}={getattr(args, k)}"
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
         for k in (
             "layers",
             "hidden",
@@ -184,8 +194,9 @@ def main() -> None:
             "seq",
             "steps",
             "threads",
+            "kv_heads",
         )
-    ]
+    ] + (["--tied"] if args.tied else [])
     rows = []
     for provider in args.providers.split(","):
         proc = subprocess.run(
@@ -209,7 +220,8 @@ def main() -> None:
     )
     lines = [
         f"config: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-        f"vocab {args.vocab:,} ({args.new:,} new), LoRA r={args.rank}, "
+        f"vocab {args.vocab:,} ({args.new:,} new){', tied' if args.tied else ''}, "
+        f"LoRA r={args.rank}, "
         f"batch {args.batch}x{args.seq}, fp32, CPU",
         header,
     ]

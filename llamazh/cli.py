@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 #: Modules whose import registers subcommands.
-COMMAND_MODULES: list[str] = ["llamazh.tokenizer.commands"]
+COMMAND_MODULES: list[str] = ["llamazh.tokenizer.commands", "llamazh.training.train"]
 
 Handler = Callable[[argparse.Namespace], int]
 

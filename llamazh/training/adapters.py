@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llamazh._atomic import atomic_dir
+from llamazh._atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from llamazh.training.config import AdapterConfig
 from llamazh.training.lora import LoRALinear
 from llamazh.training.prepare import PreparedModel, prepare_for_training, prepared_of
@@ -39,21 +39,110 @@ def _full(t: Tensor) -> Tensor:
     return t.detach().cpu().contiguous()
 
 
-def adapter_state_dict(prepared: PreparedModel) -> dict[str, Tensor]:
-    """The adapter's tensors under PEFT's keys (see the module docstring), on the CPU."""
+META_VOCAB = "llamazh.vocab_size"  # safetensors metadata: the vocabulary the adapter fits
+META_TIED = "llamazh.tied"  # "true" when trained on a model whose lm_head is its embedding
+
+
+def model_key(key: str) -> str:
+    """The prepared model's ``state_dict`` key of a normalised adapter key (no prefix).
+
+    Example:
+        >>> model_key("model.embed_tokens.token_adapter.trainable_tokens_delta")
+        'model.embed_tokens.rows'
+    """
+    return key.removesuffix(ROWS_SUFFIX) + ".rows" if key.endswith(ROWS_SUFFIX) else key
+
+
+def _entries(prepared: PreparedModel) -> dict[str, Tensor]:
+    """Normalised adapter key -> live tensor; a tied lm_head is left out (it is the embedding)."""
     model, cfg = prepared.model, prepared.config
     out: dict[str, Tensor] = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            out[f"{PREFIX}{name}.lora_A.weight"] = _full(m.lora_A.weight)
-            out[f"{PREFIX}{name}.lora_B.weight"] = _full(m.lora_B.weight)
+            out[f"{name}.lora_A.weight"] = m.lora_A.weight
+            out[f"{name}.lora_B.weight"] = m.lora_B.weight
     for name, mode in ((prepared.embed_name, cfg.embeddings), (prepared.head_name, cfg.lm_head)):
+        if prepared.tied and name == prepared.head_name:
+            continue
         module = model.get_submodule(name)
         if mode == "full":
-            out[f"{PREFIX}{name}.weight"] = _full(module.weight).clone()
-        elif mode == "new_rows" and not (prepared.tied and name == prepared.head_name):
-            out[f"{PREFIX}{name}{ROWS_SUFFIX}"] = _full(module.rows)
+            out[f"{name}.weight"] = module.weight
+        elif mode == "new_rows":
+            out[f"{name}{ROWS_SUFFIX}"] = module.rows
     return out
+
+
+def _check_gathered(key: str, t: Tensor) -> None:
+    numel = getattr(t, "ds_numel", None)  # a DeepSpeed ZeRO-3 partitioned parameter
+    if numel is not None and t.numel() != numel:
+        raise ValueError(
+            f"{key} is partitioned by DeepSpeed ZeRO-3 ({t.numel()} of {numel} elements here); "
+            "save through Trainer with zero_optimization.stage3_gather_16bit_weights_on_model_save"
+            "=true, or call save_adapter inside deepspeed.zero.GatheredParameters"
+        )
+
+
+def adapter_state_dict(
+    prepared: PreparedModel, state_dict: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's keys (see the module docstring), on the CPU.
+
+    Args:
+        prepared: the prepared model.
+        state_dict: optional full ``state_dict`` of the prepared model (what Trainer hands to
+            ``save_pretrained``, gathered under DeepSpeed ZeRO-3); read instead of the live
+            parameters when given.
+
+    Raises:
+        ValueError: a tensor is missing from ``state_dict`` or is a ZeRO-3 partition.
+    """
+    if state_dict is not None and not state_dict:  # what Trainer hands over when it cannot gather
+        raise ValueError(
+            "save_pretrained got an empty state_dict: under DeepSpeed ZeRO-3 Trainer gathers the "
+            "weights only with zero_optimization.stage3_gather_16bit_weights_on_model_save=true; "
+            "set it (examples/deepspeed/zero3.json)"
+        )
+    out: dict[str, Tensor] = {}
+    for key, live in _entries(prepared).items():
+        if state_dict is not None:
+            t = state_dict.get(model_key(key))
+            if t is None:
+                raise ValueError(
+                    f"state_dict has no {model_key(key)!r}; pass the prepared model's own "
+                    "state_dict (or none)"
+                )
+        else:
+            t = live
+        _check_gathered(key, t)
+        out[f"{PREFIX}{key}"] = _full(t).clone()
+    cfg = prepared.config
+    if prepared.tied and cfg.lm_head == "full":  # PEFT's modules_to_save writes both names
+        embed = out[f"{PREFIX}{prepared.embed_name}.weight"]
+        out[f"{PREFIX}{prepared.head_name}.weight"] = embed.clone()  # safetensors: no sharing
+    return out
+
+
+def adapter_metadata(prepared: PreparedModel) -> dict[str, str]:
+    """safetensors metadata: the vocabulary size and whether the model was tied."""
+    vocab = prepared.model.get_input_embeddings().weight.shape[0]
+    return {"format": "pt", META_VOCAB: str(vocab), META_TIED: str(prepared.tied).lower()}
+
+
+def write_adapter_files(
+    directory: Path, prepared: PreparedModel, tensors: dict[str, Tensor]
+) -> None:
+    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``directory``, each
+    through a temporary file (a crash leaves no half-written file under either name)."""
+    from safetensors.torch import save
+
+    embed_short = prepared.embed_name.rpartition(".")[2]
+    head_short = prepared.head_name.rpartition(".")[2]
+    config = prepared.config.to_peft(
+        embed_name=embed_short, head_name=head_short, tied=prepared.tied
+    )
+    data = save(tensors, metadata=adapter_metadata(prepared))
+    atomic_write_bytes(directory / WEIGHTS_NAME, data)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_adapter(
@@ -96,16 +185,8 @@ def save_adapter(
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
         return out
-    from safetensors.torch import save_file
-
-    embed_short = prepared.embed_name.rpartition(".")[2]
-    head_short = prepared.head_name.rpartition(".")[2]
-    config = prepared.config.to_peft(
-        embed_name=embed_short, head_name=head_short, tied=prepared.tied
-    )
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_adapter_files(tmp, prepared, tensors)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     if dist.is_available() and dist.is_initialized():
@@ -151,26 +232,38 @@ def read_adapter(
     return config, tensors
 
 
-def _expected(prepared: PreparedModel) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v) for k, v in _shapes(prepared).items()}
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The safetensors metadata of an adapter directory's weights ({} for a pickled one)."""
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
-def _shapes(prepared: PreparedModel) -> dict[str, torch.Size]:
-    model, cfg = prepared.model, prepared.config
-    out: dict[str, torch.Size] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            out[f"{name}.lora_A.weight"] = m.lora_A.weight.shape
-            out[f"{name}.lora_B.weight"] = m.lora_B.weight.shape
-    for name, mode in ((prepared.embed_name, cfg.embeddings), (prepared.head_name, cfg.lm_head)):
-        module = model.get_submodule(name)
-        if prepared.tied and name == prepared.head_name:
-            continue  # one matrix; a second copy in the file is checked by _load_into
-        if mode == "full":
-            out[f"{name}.weight"] = module.weight.shape
-        elif mode == "new_rows":
-            out[f"{name}{ROWS_SUFFIX}"] = module.rows.shape
-    return out
+def check_fits(
+    path: str | os.PathLike[str], metadata: dict[str, str], *, vocab: int, tied: bool
+) -> None:
+    """Refuse an adapter whose recorded vocabulary or tying differs from the model's.
+
+    Raises:
+        ValueError: naming what the adapter was trained on, what the model is, and the fix.
+    """
+    if META_VOCAB in metadata and int(metadata[META_VOCAB]) != vocab:
+        raise ValueError(
+            f"adapter {str(path)!r} was trained with vocabulary {metadata[META_VOCAB]} "
+            f"but the model has {vocab}; resize the model to the adapter's tokenizer "
+            "first (llamazh.tokenizer.resize_embeddings, len(tokenizer) rows)"
+        )
+    if META_TIED in metadata and (metadata[META_TIED] == "true") != tied:
+        trained, model = ("tied", "untied") if metadata[META_TIED] == "true" else ("untied", "tied")
+        raise ValueError(
+            f"adapter {str(path)!r} was trained on a model with {trained} embeddings but the "
+            f"model's are {model}; load it into a base with tie_word_embeddings="
+            f"{metadata[META_TIED] == 'true'} (the one it was trained on)"
+        )
 
 
 def load_adapter(
@@ -208,14 +301,23 @@ def load_adapter(
     config, tensors = read_adapter(path, allow_pickle=allow_pickle)
     prepared = prepared_of(model)
     created = prepared is None
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = prepared.tied if prepared else head is not None and head.weight is embed.weight
+    check_fits(path, read_metadata(path), vocab=embed.weight.shape[0], tied=tied)
     if created:
-        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
         names = {m: n for n, m in model.named_modules() if m is embed or m is head}
         cfg = AdapterConfig.from_peft(
             config,
             embed_name=names[embed].rpartition(".")[2],
             head_name=names[head].rpartition(".")[2],
+            tied=tied,
         )
+        if tied and cfg.embeddings != cfg.lm_head:
+            raise ValueError(
+                f"adapter {str(path)!r} trains embed_tokens as {cfg.embeddings!r} and lm_head as "
+                f"{cfg.lm_head!r} (two matrices) but the model ties them; load it into a base "
+                "with tie_word_embeddings=False"
+            )
         _check_vocab(cfg, tensors, names[embed], names[head], embed.weight.shape[0], path)
         prepared = prepare_for_training(
             model,
@@ -239,6 +341,8 @@ def load_adapter(
     for group in prepared.named_trainable().values():
         for _, p in group:
             p.requires_grad_(trainable)
+    if not trainable:
+        prepared.model.eval()  # as PEFT's from_pretrained: no dropout unless training
     return prepared
 
 
@@ -260,7 +364,7 @@ def _check_vocab(cfg, tensors, embed_name, head_name, vocab, path) -> None:
 
 
 def _load_into(prepared: PreparedModel, tensors: dict[str, Tensor], path) -> None:
-    expected = _expected(prepared)
+    expected = {k: tuple(v.shape) for k, v in _entries(prepared).items()}
     head_key = f"{prepared.head_name}.weight"
     extra = {k: v for k, v in tensors.items() if k not in expected}
     tied_copy = extra.pop(head_key) if prepared.tied and head_key in extra else None
@@ -272,8 +376,15 @@ def _load_into(prepared: PreparedModel, tensors: dict[str, Tensor], path) -> Non
             "ties them; load it into a model with tie_word_embeddings=False"
         )
     tied_rows = f"{prepared.head_name}{ROWS_SUFFIX}"
+    embed_rows = tensors.get(f"{prepared.embed_name}{ROWS_SUFFIX}")
     if prepared.tied and tied_rows in extra:
-        extra.pop(tied_rows)
+        head_rows = extra.pop(tied_rows)
+        if embed_rows is None or not torch.equal(head_rows, embed_rows):
+            raise ValueError(
+                f"adapter {str(path)!r} trains lm_head rows of its own but the model ties "
+                "lm_head to the embedding; load it into a model with tie_word_embeddings=False "
+                "(loading it here would drop the trained lm_head rows)"
+            )
     missing = sorted(k for k in expected if k not in tensors)
     if missing or extra:
         raise ValueError(
@@ -288,11 +399,7 @@ def _load_into(prepared: PreparedModel, tensors: dict[str, Tensor], path) -> Non
     ]
     if wrong:
         raise ValueError(f"adapter {str(path)!r} has tensors of the wrong shape: {wrong[:4]}")
-    model = prepared.model
+    live = _entries(prepared)
     with torch.no_grad():
-        for key in expected:
-            if key.endswith(ROWS_SUFFIX):
-                target = model.get_submodule(key.removesuffix(ROWS_SUFFIX)).rows
-            else:
-                target = model.get_parameter(key)
+        for key, target in live.items():
             target.copy_(tensors[key].to(target.dtype))

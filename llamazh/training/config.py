@@ -146,8 +146,15 @@ class AdapterConfig:
         }
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any], *, embed_name: str, head_name: str) -> AdapterConfig:
-        """Read a PEFT ``adapter_config.json`` dict; raise on anything we cannot reproduce."""
+    def from_peft(
+        cls, cfg: dict[str, Any], *, embed_name: str, head_name: str, tied: bool = False
+    ) -> AdapterConfig:
+        """Read a PEFT ``adapter_config.json`` dict; raise on anything we cannot reproduce.
+
+        ``tied``: the base ties lm_head to the embedding. PEFT then trains the lm_head through
+        the embedding's ``trainable_token_indices`` (list or ``{embed_name: ids}``) and so do
+        we; on an untied base a list names the embedding only (PEFT's rule).
+        """
         if cfg.get("peft_type", "LORA") != "LORA":
             raise ValueError(
                 f"only LoRA adapters are supported, got peft_type={cfg['peft_type']!r}"
@@ -196,7 +203,9 @@ class AdapterConfig:
         indices = cfg.get("trainable_token_indices")
         ids: list[int] = []
         if isinstance(indices, list):
-            indices = {embed_name: indices, head_name: indices}
+            indices = {embed_name: indices}
+        if tied and embed_name in (indices or {}) and modes[head_name] == "frozen":
+            indices = {**indices, head_name: indices[embed_name]}
         for name, idx in (indices or {}).items():
             if name not in modes:
                 raise ValueError(f"trainable_token_indices has unsupported module {name!r}")

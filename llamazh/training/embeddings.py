@@ -204,6 +204,16 @@ class RowsLinear(_NewRows):
         super().__init__(base_layer, token_ids, rows, dtype)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
+        self.register_parameter("bias", None)
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight this head computes with, W' (V, H): the frozen weight with the trained
+        rows in place, differentiable in ``rows``. Built on each access (a (V, H) copy), for
+        code that reads ``lm_head.weight`` instead of calling the layer (TRL's fused loss):
+        with the frozen weight it would train nothing and score the new tokens with stale
+        rows. The forward never builds it."""
+        return rows_reference(self.base_layer.weight, self.token_ids, self.rows)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.base_layer.weight

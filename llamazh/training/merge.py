@@ -20,7 +20,14 @@ import torch
 from torch import Tensor
 
 from llamazh._atomic import atomic_dir
-from llamazh.training.adapters import CONFIG_NAME, PICKLE_NAME, PREFIX, ROWS_SUFFIX, WEIGHTS_NAME
+from llamazh.training.adapters import (
+    CONFIG_NAME,
+    PICKLE_NAME,
+    PREFIX,
+    ROWS_SUFFIX,
+    WEIGHTS_NAME,
+    check_fits,
+)
 from llamazh.training.adapters import read_adapter as _read_all
 from llamazh.training.config import AdapterConfig
 
@@ -47,6 +54,7 @@ class _Adapter:
     path: Path
     config: AdapterConfig
     shapes: dict[str, tuple[int, ...]]
+    metadata: dict[str, str] = field(default_factory=dict)
     _eager: dict[str, Tensor] | None = None
     _keys: dict[str, str] = field(default_factory=dict)
 
@@ -64,13 +72,15 @@ class _Adapter:
         )
 
 
-def _open_adapter(path: Path, allow_pickle: bool) -> _Adapter:
+def _open_adapter(path: Path, allow_pickle: bool, tied: bool) -> _Adapter:
     raw_cfg = (
         json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).is_file() else None
     )
     if raw_cfg is None:
         raise FileNotFoundError(f"{str(path)!r} is not an adapter directory: no {CONFIG_NAME}")
-    config = AdapterConfig.from_peft(raw_cfg, embed_name="embed_tokens", head_name="lm_head")
+    config = AdapterConfig.from_peft(
+        raw_cfg, embed_name="embed_tokens", head_name="lm_head", tied=tied
+    )
     if (path / WEIGHTS_NAME).is_file():
         from safetensors import safe_open
 
@@ -80,10 +90,12 @@ def _open_adapter(path: Path, allow_pickle: bool) -> _Adapter:
                 key = _normalise(raw)
                 keys[key] = raw
                 shapes[key] = tuple(f.get_slice(raw).get_shape())
-        return _Adapter(path, config, shapes, None, keys)
+            metadata = dict(f.metadata() or {})
+        return _Adapter(path, config, shapes, metadata, None, keys)
     if (path / PICKLE_NAME).is_file():
         _, tensors = _read_all(path, allow_pickle=allow_pickle)  # raises unless allowed
-        return _Adapter(path, config, {k: tuple(v.shape) for k, v in tensors.items()}, tensors)
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        return _Adapter(path, config, shapes, {}, tensors)
     raise FileNotFoundError(f"{str(path)!r} has neither {WEIGHTS_NAME} nor {PICKLE_NAME}")
 
 
@@ -163,6 +175,7 @@ def _embedding_plan(adapters, embed_key, head_key, info, tied):
                         "not in the adapter; resize the base to the adapter's tokenizer first"
                     )
                 vocabs[what] = max(vocabs[what], top)
+        check_fits(a.path, a.metadata, vocab=vocabs["embed"], tied=tied)
     if vocabs["embed"] != vocabs["head"]:
         raise ValueError(
             f"after merging, embed_tokens has {vocabs['embed']} rows but lm_head has "
@@ -252,13 +265,12 @@ def merge_adapters(
         raise FileNotFoundError(f"base_dir={str(base)!r} has no config.json")
     config = json.loads((base / "config.json").read_text())
     weight_map, info = _base_layout(base)
-    opened = [_open_adapter(p, allow_pickle) for p in paths]
-
     embed_key = next((k for k in info if k.endswith("embed_tokens.weight")), None)
     head_key = "lm_head.weight"
     if embed_key is None:
         raise ValueError(f"base_dir={str(base)!r} has no '*embed_tokens.weight' tensor")
     tied = head_key not in info
+    opened = [_open_adapter(p, allow_pickle, tied) for p in paths]
     lora: dict[str, list[tuple[_Adapter, str]]] = {}
     for a in opened:
         modules = a.lora_modules()

@@ -241,7 +241,9 @@ def prepare_for_training(
     """Freeze ``model``, wrap the target projections with LoRA and set up embeddings and lm_head.
 
     Defaults are the Chinese-LLaMA-Alpaca recipe (r=64, alpha=128, dropout 0.05 on the seven
-    projections; embeddings and lm_head trained in full). The model is modified in place.
+    projections; embeddings and lm_head trained in full). The model is modified in place; its
+    ``save_pretrained`` then writes the adapter (PEFT format), so ``Trainer``/TRL checkpoints
+    are adapters that ``resume_from_checkpoint`` reads (see :mod:`llamazh.training.checkpoint`).
 
     Args:
         model: a causal LM with ``get_input_embeddings()``/``get_output_embeddings()``.
@@ -265,7 +267,8 @@ def prepare_for_training(
 
     Raises:
         ValueError: targets match nothing or the lm_head, ``new_rows`` without ids, ids out of
-            range or repeated, tied weights with different modes, an already prepared model.
+            range or repeated, tied weights with different modes, an already prepared model, a
+            PEFT model (``get_peft_model``'s result: pass the plain model instead).
         TypeError: ids that are not integers.
 
     Example:
@@ -278,6 +281,7 @@ def prepare_for_training(
     """
     if prepared_of(model) is not None or any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("model already has LoRA layers (prepared twice?); call .undo() first")
+    _refuse_peft(model)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear):
@@ -357,11 +361,28 @@ def prepare_for_training(
         if gradient_checkpointing:
             _enable_checkpointing(model, changes)
         _disable_kv_cache(model, changes)
+        from llamazh.training.checkpoint import install  # it imports this module
+
+        install(prepared)
     except BaseException:
         prepared.undo()
         raise
     model.__dict__[ATTR] = prepared
     return prepared
+
+
+def _refuse_peft(model: nn.Module) -> None:
+    """A PEFT model (or one with PEFT layers injected) would get LoRA on LoRA and adapter keys
+    no loader reads; say what to do instead."""
+    peft = [type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")]
+    if peft or hasattr(model, "peft_config"):
+        raise ValueError(
+            f"model is already a PEFT model ({type(model).__name__} with {sorted(set(peft))[:3]}); "
+            "prepare_for_training adds its own LoRA to a plain transformers model. Either pass "
+            "the plain base model (model.unload() or model.get_base_model() of a fresh "
+            "get_peft_model), or train the PEFT model as it is: its save_pretrained writes an "
+            "adapter that llamazh's load_adapter and merge_adapters read"
+        )
 
 
 def _disable_kv_cache(model: nn.Module, changes: list[Change]) -> None:

@@ -22,7 +22,9 @@ TEXTS = ["深度学习的中文模型需要训练数据。", "你好世界，北
 
 
 def _tied(model) -> bool:
-    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    head, embed = getattr(head, "base_layer", head), getattr(embed, "base_layer", embed)
+    return head.weight is embed.weight
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +172,33 @@ def test_train_save_load_merge_round_trip(smollm2_copy, extended_tokenizer, tmp_
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(str(merged_dir))) == len(extended_tokenizer)
+
+
+def test_llamazh_train_pt_and_sft_on_smollm2(smollm2, tmp_path, corpus_path):
+    """The README's entry points on the real model: two steps each, adapters merge_adapters
+    takes, the merged model loads with stock from_pretrained."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from llamazh.cli import main
+    from llamazh.pretrained import smollm2_dir
+    from llamazh.training.train import trainer_problem
+
+    if trainer_problem():
+        pytest.skip(trainer_problem())
+    lines = Path(corpus_path("zh_d2l.txt")).read_text(encoding="utf-8").splitlines()[:40]
+    (tmp_path / "zh.txt").write_text("\n".join(lines), encoding="utf-8")
+    records = [{"instruction": line[:16], "output": line[16:48]} for line in lines[:8]]
+    (tmp_path / "sft.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    common = ["--model", str(smollm2_dir()), "--max-steps", "2", "--rank", "4", "--alpha", "8"]
+    assert main(["train", "pt", *common, "--data", str(tmp_path / "zh.txt"), "-o",
+                 str(tmp_path / "pt"), "--block-size", "64"]) == 0  # fmt: skip
+    assert main(["train", "sft", *common, "--data", str(tmp_path / "sft.json"), "-o",
+                 str(tmp_path / "sft"), "--template", "chatml-smollm2", "--max-length", "96",
+                 "--embeddings", "frozen"]) == 0  # fmt: skip
+    merge_adapters(
+        smollm2_dir(), [tmp_path / "pt", tmp_path / "sft"], tmp_path / "m", progress=False
+    )
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert _tied(merged)

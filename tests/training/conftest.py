@@ -7,6 +7,20 @@ import torch
 
 from llamazh.testing import tiny_llama
 
+
+@pytest.fixture
+def trainer_runs() -> None:
+    """Skip where transformers' Trainer cannot run (accelerate too old for it, e.g. the
+    low-end pins: transformers 5.17 with accelerate 1.1). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("trainer_runs")``."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from llamazh.training.train import trainer_problem
+
+    problem = trainer_problem()
+    if problem:
+        pytest.skip(problem)
+
+
 VOCAB = 256
 NEW_IDS = list(range(200, 256))  # the "vocabulary extension": the last 56 rows
 
@@ -45,3 +59,25 @@ def make_model():
 @pytest.fixture
 def input_ids():
     return torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture
+def make_peft():
+    """make_peft(model, lora_config) -> PEFT's own model with every trainable tensor offset by
+    seeded noise (so that its adapter is not a no-op), warnings silenced."""
+    import warnings
+
+    def make(model, config, seed: int = 3):
+        from peft import get_peft_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = get_peft_model(model, config)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+        return peft_model
+
+    return make

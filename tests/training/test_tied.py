@@ -28,7 +28,9 @@ MODES = (None, "frozen", "full", "new_rows")
 
 
 def _is_tied(model) -> bool:
-    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    head, embed = getattr(head, "base_layer", head), getattr(embed, "base_layer", embed)
+    return head.weight is embed.weight
 
 
 @pytest.mark.parametrize(("embeddings", "lm_head"), list(itertools.product(MODES, MODES)))
