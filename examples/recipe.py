@@ -96,7 +96,7 @@ class Sizes:
 
 FULL = Sizes(
     eval_chars=3000, curve_chars=800, answer_tokens=40, speed_tokens=48,
-    vocab_line_stride=1, new_tokens=20000, efficiency_lines=2000,
+    vocab_line_stride=1, new_tokens=5000, efficiency_lines=2000,
     cpt_lines=6000, block=256, batch=4, cpt_cpu_s=240, cpt_max_steps=None,
     align_lines=4000, align_cpu_s=120, align_max_steps=None,
     lora_rank=16, lora_lr=1e-3, rows_lr=2e-3,

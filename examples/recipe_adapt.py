@@ -210,7 +210,14 @@ def cpt_arm(c: Context, model: Any, tokenizer: Any, prepared: Any, lrs: tuple[fl
     en = to_blocks(c.en_train[: s.cpt_lines // 4], enc, sep, s.block)[: max(1, len(zh) // 4)]
     blocks = torch.cat([zh, en])  # one English replay block in five limits forgetting
     held = c.curve_set()
-    optimizer = torch.optim.AdamW(prepared.param_groups(lrs[0], embedding_lr=lrs[1]))
+    # lm_head rows at a tenth of the input rows' rate: every new output row gets a gradient
+    # from the softmax at every position, and Adam turns those small, consistent gradients
+    # into full-size steps that sink the logits of all new tokens (docs/tokenizer.md)
+    named = prepared.named_trainable()
+    groups = [{"params": [p for _, p in named[k]], "lr": lr, "weight_decay": 0.0}
+              for k, lr in (("lora", lrs[0]), ("embeddings", lrs[1]), ("lm_head", lrs[1] / 10))
+              if named.get(k)]  # fmt: skip
+    optimizer = torch.optim.AdamW(groups)
     budget = None if s.cpt_cpu_s is None else s.cpt_cpu_s - spent_cpu_s
     res = fit(
         model,

@@ -115,8 +115,9 @@ def align_embeddings(
     boundary: int | str | None = "auto",
     progress: bool = False,
     seed: int = 0,
-    objective: str = "lm",
+    objective: str = "hidden",
     hidden_weight: float = 1.0,
+    shared_map: bool = True,
 ) -> AlignmentReport:
     """Train only ``model``'s new embedding/lm_head rows so that it reproduces ``base_model``.
 
@@ -152,6 +153,15 @@ def align_embeddings(
             after ``input_layer`` layers (input targets only), which is several times cheaper.
         boundary: ids put before each text (``llamazh.evaluation.document_boundary``).
         progress: print a line per step.
+        objective: ``"hidden"`` (default): input rows match the base's hidden states after
+            ``input_layer`` layers (the body runs that deep), output rows fit the base's final
+            states; ``"lm"``: the extended model runs in full and its next-token loss (plus
+            ``hidden_weight`` times the hidden-state mismatch) trains both, several times
+            dearer per token (measured in ``benchmarks/vocab_transfer.py``).
+        hidden_weight: weight of the hidden-state mismatch in the ``"lm"`` objective.
+        shared_map: input rows also get ``M @ s_t``, where ``s_t`` is the base's state after
+            reading the token's pieces alone and ``M`` (D, D) one matrix trained for all new
+            tokens (untied models; a tied row must also serve as output row).
         seed: for the order of positions in output steps.
 
     Returns:
@@ -258,7 +268,22 @@ def align_embeddings(
         out_lse: list[Tensor] = []
         out_y: list[Tensor] = []
         chunks: list[_Chunk] = []
-        opt_in = torch.optim.Adam([rows_in], lr=lr)
+        # input rows = own row + a map shared by all new tokens of what the base computed
+        # from their pieces alone (context-free, after input_layer layers): every occurrence
+        # of any new token trains the map, so rare and unseen tokens learn too
+        shared = None
+        if shared_map and not tied:
+            pieces_c = _piece_states(base_model, old_tokenizer, new_tokenizer, n_old, prefix,
+                                     input_layer)  # fmt: skip
+            shared = nn.Parameter(torch.zeros(pieces_c.shape[1], pieces_c.shape[1], device=device))
+        groups = [{"params": [rows_in], "lr": lr}]
+        if shared is not None:
+            groups.append({"params": [shared], "lr": lr / math.sqrt(shared.shape[0])})
+        opt_in = torch.optim.Adam(groups)
+
+        def input_rows() -> Tensor:
+            return rows_in if shared is None else rows_in + pieces_c @ shared.t()  # (K, D)
+
         opt_out = None  # made after the first teacher pass, which sets its scale
         step, pass_no = 0, 0
         budget_steps = max_steps if max_steps is not None else None
@@ -298,7 +323,16 @@ def align_embeddings(
                 opt_out.zero_grad(set_to_none=True)
             if objective == "lm":
                 loss_out, loss_in, mean_h2, n_tok = _lm_losses(
-                    model, inp, out, layers, input_layer, chunk, rows_in, rows_out, new_ids, tied
+                    model,
+                    inp,
+                    out,
+                    layers,
+                    input_layer,
+                    chunk,
+                    input_rows(),
+                    rows_out,
+                    new_ids,
+                    tied,
                 )
                 (loss_out + hidden_weight * loss_in).backward()
                 if not tied:
@@ -307,7 +341,7 @@ def align_embeddings(
                     # the summed loss's step (see below), from the mean's gradient
                     opt_out.param_groups[0]["lr"] = output_lr * n_tok / mean_h2
             else:
-                loss_in = _input_loss(model, inp, layers, input_layer, chunk, rows_in, new_ids)
+                loss_in = _input_loss(model, inp, layers, input_layer, chunk, input_rows(), new_ids)
                 loss_in.backward()
                 H, L, Y = torch.cat(out_h), torch.cat(out_lse), torch.cat(out_y)
                 if len(Y):
@@ -321,7 +355,7 @@ def align_embeddings(
                 opt_out.step()
             loss_in, loss_out = loss_in.item(), loss_out.item()
             with torch.no_grad():  # a completed step: write the rows into the model
-                inp.weight[n_old:] = rows_in.detach().to(inp.weight.dtype)
+                inp.weight[n_old:] = input_rows().detach().to(inp.weight.dtype)
                 if not tied:
                     out.weight[n_old:] = rows_out.detach().to(out.weight.dtype)
             step += 1
@@ -573,6 +607,31 @@ def _lm_losses(model, inp, out, layers, input_layer, chunk, rows_in, rows_out, n
     hidden = _mismatch(got, chunk.mid.to(device))
     mean_h2 = float(captured["x"].float().pow(2).sum(-1).mean())
     return lm, hidden, mean_h2, int((labels != -100).sum())
+
+
+@torch.no_grad()
+def _piece_states(base, old_tok, new_tok, n_old, prefix, layer) -> Tensor:
+    """(K, D): for each new token, the base's residual after ``layer`` layers at the last of its
+    pieces, read alone after ``prefix``; RMS-normalised per token (zeros: no pieces)."""
+    from llamazh.tokenizer._sources import as_view, piece_splitter
+
+    split = piece_splitter(as_view(old_tok, "old_tokenizer"))
+    tokens = new_tok.convert_ids_to_tokens(list(range(n_old, len(new_tok))))
+    pieces = [split(t) if t else [] for t in tokens]
+    first = base.get_input_embeddings().weight
+    out = torch.zeros(len(pieces), first.shape[1], device=first.device)
+    by_len: dict[int, list[int]] = {}
+    for k, p in enumerate(pieces):
+        if p:
+            by_len.setdefault(len(p), []).append(k)
+    stop = _decoder_layers(base)[layer - 1]
+    for ks in by_len.values():
+        for i in range(0, len(ks), 256):
+            batch = ks[i : i + 256]
+            ids = torch.tensor([prefix + pieces[k] for k in batch], device=first.device)
+            h = _run_to_layer(base, stop, ids, torch.ones_like(ids))[:, -1].float()  # (b, D)
+            out[batch] = h * h.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
+    return out
 
 
 def _run_to_layer(model: nn.Module, layer: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
