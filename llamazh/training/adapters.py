@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from llamazh._atomic import atomic_dir
+from llamazh._files import load_safetensors, read_json
 from llamazh.training.config import AdapterConfig
 from llamazh.training.lora import LoRALinear
 from llamazh.training.prepare import PreparedModel, prepare_for_training, prepared_of
@@ -127,11 +128,9 @@ def read_adapter(
     cfg_path = root / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{str(root)!r} is not an adapter directory: no {CONFIG_NAME}")
-    config = json.loads(cfg_path.read_text())
+    config = read_json(cfg_path, "a PEFT adapter config")
     if (root / WEIGHTS_NAME).is_file():
-        from safetensors.torch import load_file
-
-        raw = load_file(str(root / WEIGHTS_NAME))
+        raw = load_safetensors(root / WEIGHTS_NAME)
     elif (root / PICKLE_NAME).is_file():
         if not allow_pickle:
             raise ValueError(
