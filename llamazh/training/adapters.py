@@ -108,7 +108,9 @@ def save_adapter(
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            from llamazh.tokenizer.export import save_tokenizer  # keeps BOS (see there)
+
+            save_tokenizer(tokenizer, tmp)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return out
