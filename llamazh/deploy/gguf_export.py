@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +130,11 @@ def export_gguf(
             else:
                 writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
             if progress and gguf_name.endswith("attn_norm.weight"):
-                print(
-                    f"export_gguf: {gguf_name.split('.')[1]} / {hp['n_layers']} layers", flush=True
-                )
+                layer = int(gguf_name.split(".")[1]) + 1
+                print(f"export_gguf: layer {layer}/{hp['n_layers']}", file=sys.stderr, flush=True)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=progress)
         writer.close()
     return out
 
