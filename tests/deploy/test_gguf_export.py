@@ -23,23 +23,12 @@ TEXTS = [
 
 
 def _tiny(vocab: int, *, tied: bool, rope: dict | None = None):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from llamazh.testing import tiny_llama
 
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-        rms_norm_eps=1e-5,
+    extra = {} if rope is None else {"rope_parameters": {"rope_theta": 10000.0, **rope}}
+    model = tiny_llama(
+        seed=0, vocab_size=vocab, tie_word_embeddings=tied, rms_norm_eps=1e-5, **extra
     )
-    if rope is not None:
-        config.rope_parameters = {"rope_theta": 10000.0, **rope}
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # non-trivial norms, so that a misplaced norm weight shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

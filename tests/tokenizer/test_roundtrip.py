@@ -5,7 +5,6 @@ library function accepts what AutoTokenizer returns for the library's exports.""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from llamazh.tokenizer import (
     encoding_efficiency,
@@ -84,7 +83,7 @@ def test_save_round_trip_keeps_specials_added_tokens_and_template(exports, tmp_p
 
 
 def test_added_pad_counts_as_a_row_49954(tmp_path, llama2_model_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from llamazh.testing import tiny_llama
 
     merged = merge_sentencepiece(llama2_model_path, FIXTURES / "chinese_llama/chinese_sp.model")
     assert len(merged.proto.pieces) == 49953
@@ -93,17 +92,8 @@ def test_added_pad_counts_as_a_row_49954(tmp_path, llama2_model_path):
     save_tokenizer(tok, tmp_path / "alpaca")
     loaded = _auto(tmp_path / "alpaca")
     assert len(loaded) == 49954 and loaded.pad_token_id == 49953
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
     for new in (tmp_path / "alpaca", loaded):  # the directory and the object it loads as
-        model = LlamaForCausalLM(config.__class__(**config.to_dict()))
+        model = tiny_llama(vocab_size=32000, hidden_size=16, intermediate_size=32)
         assert model.get_input_embeddings().weight.shape[0] == 32000
         resize_embeddings(model, llama2_model_path, new, init="mean")
         assert model.get_input_embeddings().weight.shape[0] == 49954
