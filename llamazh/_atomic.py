@@ -39,7 +39,7 @@ def remove_stale_temps(final: Path) -> list[Path]:
     Returns the removed paths (a ``UserWarning`` names them). Siblings of live processes
     (a concurrent write) and names in another format are left alone.
     """
-    pattern = re.compile(rf"^\.(?:tmp|old)-{re.escape(final.name)}-(\d+)(?:-[0-9a-f]+)?$")
+    pattern = re.compile(rf"^\.(?:tmp|old)-{re.escape(final.name)}-(\d+)-[0-9a-f]+$")
     removed = []
     if not final.parent.is_dir():
         return removed

@@ -108,7 +108,10 @@ def read_vocab(model_dir: Path) -> GGUFVocab:
 def _is_spm_bpe(path: Path) -> bool:
     from llamazh.tokenizer._proto import BPE_TYPE, load_proto
 
-    return load_proto(path, "tokenizer.model").trainer_spec.model_type == BPE_TYPE
+    try:
+        return load_proto(path, "tokenizer.model").trainer_spec.model_type == BPE_TYPE
+    except ValueError:  # not a SentencePiece model (Llama-3 ships a tiktoken file by that name)
+        return False
 
 
 def _sentencepiece_vocab(model_dir: Path) -> GGUFVocab:
@@ -138,7 +141,8 @@ def _bytelevel_vocab(json_path: Path) -> GGUFVocab:
     if model.get("byte_fallback"):
         raise ValueError(
             f"{str(json_path)!r} is a SentencePiece-style BPE (byte_fallback) without a "
-            "tokenizer.model; save the SentencePiece model with it (export_hf_tokenizer does)"
+            "tokenizer.model; save the SentencePiece model with it (export_hf_tokenizer and "
+            "llamazh.tokenizer.save_tokenizer do, save_pretrained does not)"
         )
     pre = pre_tokenizer_name(data.get("pre_tokenizer"), where=str(json_path))
     vocab: dict[str, int] = model["vocab"]

@@ -100,6 +100,10 @@ def _directory_added_tokens(path: Path) -> dict[int, tuple[str, bool]]:
     if (path / "added_tokens.json").is_file():  # the older format: {content: id}
         table = read_json(path / "added_tokens.json", "a map of added tokens to ids")
         added.update({int(i): (str(c), True) for c, i in table.items()})
+    if (path / "tokenizer.json").is_file():  # a fast tokenizer saved beside the model
+        spec = read_json(path / "tokenizer.json", "a Hugging Face tokenizer.json")
+        for t in spec.get("added_tokens") or []:
+            added[int(t["id"])] = (str(t["content"]), bool(t.get("special", True)))
     if (path / "tokenizer_config.json").is_file():
         config = read_json(path / "tokenizer_config.json", "a tokenizer config")
         for i, spec in (config.get("added_tokens_decoder") or {}).items():

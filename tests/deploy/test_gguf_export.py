@@ -158,15 +158,18 @@ def test_extended_vocabulary_round_trip(tmp_path):
     )
 
 
-def test_sentencepiece_vocabulary_with_added_pad(tmp_path, llama2_model_path):
-    """Seed merge + added [PAD] (Chinese-Alpaca's 49,954): pieces, scores, types, specials."""
+@pytest.mark.parametrize("scores", ["seed", "rank"])  # SentencePieceBackend / fast export
+def test_sentencepiece_vocabulary_with_added_pad(tmp_path, llama2_model_path, scores):
+    """A merge + added [PAD] (Chinese-Alpaca's 49,954): pieces, scores, types, specials."""
     from transformers import AutoTokenizer
 
     from llamazh import export_gguf
     from llamazh.tokenizer import export_hf_tokenizer, merge_sentencepiece, save_tokenizer
 
-    merged = merge_sentencepiece(llama2_model_path, FIXTURES / "chinese_llama/chinese_sp.model")
+    extra = FIXTURES / "chinese_llama/chinese_sp.model"
+    merged = merge_sentencepiece(llama2_model_path, extra, scores=scores)
     tok = AutoTokenizer.from_pretrained(str(export_hf_tokenizer(merged, tmp_path / "zh")))
+    assert tok.is_fast == (scores == "rank")
     tok.add_special_tokens({"pad_token": "[PAD]"})
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     save_tokenizer(tok, tmp_path / "alpaca")
