@@ -92,6 +92,21 @@ def step_long_context(c: Context) -> dict:
 
 
 # ---- 6 -----------------------------------------------------------------------------------
+def gguf_export(model_dir: Path, path: Path, tokenizer: Any, text: str) -> dict:
+    """The merged model as a GGUF file for llama.cpp; its tokenizer read back by transformers."""
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    llamazh.export_gguf(model_dir, path, dtype="f16")
+    seconds = time.perf_counter() - start
+    back = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    same = back(text).input_ids == tokenizer(text).input_ids
+    size = path.stat().st_size / 1e6
+    print(f"  wrote {path} ({size:.0f} MB, {seconds:.1f} s); its tokenizer gives the same ids: "
+          f"{same} (run: llama-cli -m {path.name})")  # fmt: skip
+    return {"path": path.name, "mb": round(size, 1), "s": round(seconds, 1), "ids_match": same}
+
+
 def step_merge(c: Context) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,13 +137,14 @@ def step_merge(c: Context) -> dict:
             f"  wrote {out} ({sum(1 for _ in out.iterdir())} files); stock from_pretrained "
             f"vs unmerged adapters: max |logit diff| {diff:.2e}"
         )
+        gguf = gguf_export(out, d / "model.f16.gguf", tokenizer, text)
         for q, a in said.items():
             print(f"  {q}\n    -> {a!r}")
         print(f"  Chinese generation: {before:.1f} -> {speed:.1f} characters/s "
               f"({speed / before:.2f}x), CJK ideographs {cjk_before:.1f} -> {cjk:.1f}/s "
               f"({s.speed_tokens} tokens a prompt)")  # fmt: skip
         return {"max_logit_diff": diff, "answers": said, "zh_chars_per_s": speed,
-                "zh_cjk_per_s": cjk}  # fmt: skip
+                "zh_cjk_per_s": cjk, "gguf": gguf}  # fmt: skip
 
     return c.run.step("06_merge", "6. Merge into a standalone model, load it stock", run)
 

@@ -56,6 +56,8 @@ _LAZY: dict[str, str] = {
     "get_template": "llamazh.templates",
     # a real model to run on
     "load_smollm2": "llamazh.pretrained",
+    # deployment
+    "export_gguf": "llamazh.deploy",
 }
 
 __all__ = ["PatchHandle", "__version__", "patch", *_LAZY]

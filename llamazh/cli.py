@@ -18,7 +18,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 #: Modules whose import registers subcommands.
-COMMAND_MODULES: list[str] = ["llamazh.tokenizer.commands", "llamazh.training.train"]
+COMMAND_MODULES: list[str] = [
+    "llamazh.tokenizer.commands",
+    "llamazh.training.commands",
+    "llamazh.training.train",
+    "llamazh.deploy.commands",
+]
+
+#: What ``llamazh --help`` says first (the module docstring is for developers).
+DESCRIPTION = (
+    "llamazh: adapt LLaMA-family models to Chinese: extend the tokenizer, train and merge "
+    "adapters, export for llama.cpp. Run 'llamazh COMMAND --help' for each command's options."
+)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -56,13 +67,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         importlib.import_module(module)
-    parser = argparse.ArgumentParser(prog="llamazh", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="llamazh", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"llamazh {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in _COMMANDS.values():
-        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        sp = sub.add_parser(
+            cmd.name,
+            help=cmd.help,
+            description=cmd.help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         sp.set_defaults(_handler=cmd.build(sp), _parser=sp)
     return parser
+
+
+def add_text_option(parser: argparse.ArgumentParser, help: str, *, required: bool = True) -> None:
+    """``--text FILE [FILE ...]``, repeatable: every command takes text files the same way.
+
+    Example:
+        >>> add_text_option(parser, "UTF-8 text files, one text per line")
+        >>> parser.parse_args(["--text", "a.txt", "b.txt", "--text", "c.txt"]).text
+        ['a.txt', 'b.txt', 'c.txt']
+    """
+    parser.add_argument(
+        "--text",
+        action="extend",
+        nargs="+",
+        required=required,
+        metavar="FILE",
+        help=f"{help} (several after one --text, or --text repeated)",
+    )
+
+
+def progress(message: str) -> None:
+    """One line of progress on stderr (stdout stays the result)."""
+    print(f"llamazh: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -244,15 +244,6 @@ def _convert(gguf: Path, out: Path) -> None:
     (out / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
 
 
-def _publish_mode(path: Path) -> None:
-    """``mkdtemp`` makes 0700 directories; give the cache the usual umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
-    for child in path.iterdir():
-        child.chmod(0o666 & ~umask)
-
-
 def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The plain Hugging Face directory of SmolLM2-135M-Instruct, converted on first use.
 
@@ -290,7 +281,6 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         # stale directories (another GGUF, an older format, a foreign one) are replaced whole
         with atomic_dir(model_dir, overwrite=True) as tmp:
             _convert(gguf, tmp)
-            _publish_mode(tmp)
     return model_dir
 
 

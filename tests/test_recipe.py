@@ -61,6 +61,8 @@ def test_quick_recipe_runs_and_resumes(tmp_path):
         assert 0 < done["03_cpt"][arm]["bpc_zh"] < 20
     # stock from_pretrained on the merged directory reproduces the unmerged adapters
     assert done["06_merge"]["max_logit_diff"] < 1e-3
+    # the merged model as GGUF: its tokenizer, read back by transformers, gives the same ids
+    assert done["06_merge"]["gguf"]["ids_match"] is True
     # every speculative method's greedy output equals generate's
     assert done["07_spec"]["identical"] is True
     for png in PLOTS:

@@ -83,8 +83,8 @@ class CostGate:
     rate, the gate closes: plain steps only, then one probe of ``probe_tokens`` after
     ``backoff`` steps, ``backoff`` doubling (up to ``max_backoff``) after every probe that does
     not pay and resetting after one that does. The first step is such a probe. A useless draft
-    thus costs a few one-token probes; transformers' dynamic speculation and llama.cpp's ``n_min``/``p_min`` are the
-    same idea, decided per token by the draft's confidence rather than by measured time.
+    thus costs a few one-token probes; transformers' dynamic speculation and llama.cpp's
+    ``n_min``/``p_min`` are the same idea, decided per token by the draft's confidence rather than by measured time.
     """
 
     decay = 0.7

@@ -218,10 +218,13 @@ def _segment_tokenizers(tokenizer: Any) -> tuple[Any, Any]:
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not isinstance(backend, Tokenizer):
+        if _is_sentencepiece_backend(tokenizer):
+            segments = _SentencePieceSegments(tokenizer.sp_model)
+            return segments, segments
         raise TypeError(
-            f"encode needs a fast (tokenizers-backed) transformers tokenizer to reproduce "
-            f"apply_chat_template exactly; got {type(tokenizer).__name__}. Load it with "
-            f"AutoTokenizer.from_pretrained(..., use_fast=True)"
+            f"encode needs a fast (tokenizers-backed) transformers tokenizer or a "
+            f"SentencePieceBackend (legacy=True) to reproduce apply_chat_template exactly; "
+            f"got {type(tokenizer).__name__}"
         )
     cached = _CACHE.get(tokenizer)
     # the copies are rebuilt if the tokenizer gained tokens since (add_special_tokens)
@@ -252,6 +255,36 @@ def _segment_tokenizers(tokenizer: Any) -> tuple[Any, Any]:
         encoders.append(enc)
     _CACHE[tokenizer] = (backend.get_vocab_size(with_added_tokens=True), *encoders)
     return encoders[0], encoders[1]
+
+
+def _is_sentencepiece_backend(tokenizer: Any) -> bool:
+    import sentencepiece as spm
+
+    sp = getattr(tokenizer, "sp_model", None)
+    return isinstance(sp, spm.SentencePieceProcessor) and getattr(tokenizer, "legacy", True)
+
+
+class _SentencePieceSegments:
+    """``encode(text) -> (ids, char offsets)`` by sentencepiece, as ``SentencePieceBackend``
+    (legacy) encodes each stretch of text between special tokens: dummy prefix on each."""
+
+    def __init__(self, sp: Any) -> None:
+        self.sp = sp
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> Any:
+        from types import SimpleNamespace
+
+        starts = [0]  # byte offset -> char offset, through the byte offset of each char
+        for ch in text:
+            starts.append(starts[-1] + len(ch.encode("utf-8")))
+        char_of = {b: c for c, b in enumerate(starts)}
+        try:
+            pieces = self.sp.encode(text, return_type="proto").pieces
+        except TypeError:  # sentencepiece before return_type
+            pieces = self.sp.encode(text, out_type="immutable_proto").pieces
+        ids = [p.id for p in pieces]
+        offsets = [(char_of.get(p.begin, 0), char_of.get(p.end, len(text))) for p in pieces]
+        return SimpleNamespace(ids=ids, offsets=offsets)
 
 
 def _prepends_first_only(node: Any) -> bool:

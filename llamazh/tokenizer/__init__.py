@@ -21,7 +21,12 @@ tokenizers; nothing touches the network.
 
 from llamazh.tokenizer.bpe import BPE_SCOPES, BPEExtension, extend_bpe
 from llamazh.tokenizer.efficiency import EfficiencyReport, encoding_efficiency
-from llamazh.tokenizer.export import build_fast_tokenizer, export_hf_tokenizer, tied_merge_pieces
+from llamazh.tokenizer.export import (
+    build_fast_tokenizer,
+    export_hf_tokenizer,
+    save_tokenizer,
+    tied_merge_pieces,
+)
 from llamazh.tokenizer.heldout import CJK_HEAVY, HeldOutSplit, chinese_held_out_split, cjk_share
 from llamazh.tokenizer.merge import MergeResult, has_cjk, merge_sentencepiece
 from llamazh.tokenizer.resize import RESIZE_INITS, resize_embeddings
@@ -45,6 +50,7 @@ __all__ = [
     "has_cjk",
     "merge_sentencepiece",
     "resize_embeddings",
+    "save_tokenizer",
     "tied_merge_pieces",
     "train_sentencepiece",
 ]

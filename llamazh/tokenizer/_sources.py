@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamazh.tokenizer._proto import BYTE, ModelProto, load_proto
+from llamazh._files import read_json
+from llamazh.tokenizer._proto import BYTE, CONTROL, USER_DEFINED, ModelProto, load_proto
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -42,11 +43,14 @@ def as_view(value: Any, name: str) -> TokenizerView:
         TypeError: ``value`` is none of those.
         ValueError: a path or bytes is not a SentencePiece model.
     """
+    added: dict[int, tuple[str, bool]] = {}
     if isinstance(value, (str, os.PathLike)):
         path = Path(value)
         if path.is_dir() and (path / "tokenizer.json").is_file():
             path = path / "tokenizer.json"
         elif path.is_dir() and (path / "tokenizer.model").is_file():
+            # a SentencePiece directory: its added tokens (Chinese-Alpaca's [PAD]) are rows too
+            added = _directory_added_tokens(path)
             value = path / "tokenizer.model"
         if path.suffix == ".json" and path.is_file():
             from tokenizers import Tokenizer
@@ -57,7 +61,7 @@ def as_view(value: Any, name: str) -> TokenizerView:
     ):
         import sentencepiece as spm
 
-        proto = load_proto(value, name)
+        proto = _with_added(load_proto(value, name), added, name)
         sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         pieces = tuple(p.piece for p in proto.pieces)
         byte_ids = frozenset(i for i, p in enumerate(proto.pieces) if p.type == BYTE)
@@ -66,6 +70,14 @@ def as_view(value: Any, name: str) -> TokenizerView:
         proto = ModelProto()
         proto.ParseFromString(value.serialized_model_proto())
         return as_view(proto, name)
+    sp_model = getattr(value, "sp_model", None)
+    if sp_model is not None and isinstance(sp_model, spm_processor_type()):
+        # transformers' SentencePieceBackend (what AutoTokenizer gives for a seed-merge export)
+        proto = ModelProto()
+        proto.ParseFromString(sp_model.serialized_model_proto())
+        decoder = getattr(value, "added_tokens_decoder", {}) or {}
+        extra = {i: (t.content, bool(t.special)) for i, t in decoder.items()}
+        return as_view(_with_added(proto, extra, name), name)
     if hasattr(value, "new_tokens") and hasattr(value, "tokenizer"):  # a BPEExtension
         value = value.tokenizer
     backend = getattr(value, "backend_tokenizer", None)
@@ -80,6 +92,52 @@ def as_view(value: Any, name: str) -> TokenizerView:
     pieces = tuple(backend.id_to_token(i) or "" for i in range(size))
     byte_ids = frozenset(i for i, p in enumerate(pieces) if _BYTE_TOKEN.match(p))
     return TokenizerView("hf", value, pieces, byte_ids)
+
+
+def _directory_added_tokens(path: Path) -> dict[int, tuple[str, bool]]:
+    """Id -> (content, special) of the added tokens a tokenizer directory declares."""
+    added: dict[int, tuple[str, bool]] = {}
+    if (path / "added_tokens.json").is_file():  # the older format: {content: id}
+        table = read_json(path / "added_tokens.json", "a map of added tokens to ids")
+        added.update({int(i): (str(c), True) for c, i in table.items()})
+    if (path / "tokenizer.json").is_file():  # a fast tokenizer saved beside the model
+        spec = read_json(path / "tokenizer.json", "a Hugging Face tokenizer.json")
+        for t in spec.get("added_tokens") or []:
+            added[int(t["id"])] = (str(t["content"]), bool(t.get("special", True)))
+    if (path / "tokenizer_config.json").is_file():
+        config = read_json(path / "tokenizer_config.json", "a tokenizer config")
+        for i, spec in (config.get("added_tokens_decoder") or {}).items():
+            added[int(i)] = (str(spec["content"]), bool(spec.get("special", True)))
+    return added
+
+
+def _with_added(proto: Any, added: dict[int, tuple[str, bool]], name: str) -> Any:
+    """``proto`` plus the added tokens past its last piece (special: CONTROL, else USER_DEFINED).
+
+    Raises:
+        ValueError: the added ids past the model's pieces are not consecutive.
+    """
+    n = len(proto.pieces)
+    extra = sorted(i for i in added if i >= n)
+    if not extra:
+        return proto
+    if extra != list(range(n, n + len(extra))):
+        raise ValueError(
+            f"{name} declares added tokens at ids {extra[:5]}... but its model has {n} pieces; "
+            f"added ids must continue from {n} without gaps"
+        )
+    known = {p.piece for p in proto.pieces}
+    out = ModelProto()
+    out.CopyFrom(proto)
+    for i in extra:
+        content, special = added[i]
+        if content in known:
+            raise ValueError(f"{name}: added token {i} ({content!r}) duplicates a model piece")
+        piece = out.pieces.add()
+        piece.piece, piece.score = content, 0.0
+        piece.type = CONTROL if special else USER_DEFINED
+        known.add(content)
+    return out
 
 
 def spm_processor_type() -> type:

@@ -268,3 +268,56 @@ def export_hf_tokenizer(
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike[str]) -> Path:
+    """``tokenizer.save_pretrained(out_dir)``, keeping what transformers' save drops.
+
+    transformers (5.17-5.25) does not save a ``SentencePieceBackend``'s
+    ``special_tokens_pattern``: the :func:`export_hf_tokenizer` directory of a seed merge
+    adds BOS, its ``save_pretrained`` copy silently does not. This writes the pattern back
+    into ``tokenizer_config.json`` so that ``AutoTokenizer.from_pretrained(out_dir)`` encodes
+    as ``tokenizer`` does (BOS included). A fast tokenizer loaded from a directory with the
+    SentencePiece ``tokenizer.model`` gets that file copied too (``save_pretrained`` drops
+    it; GGUF export and sentencepiece need it). Use it (or ``save_adapter(...,
+    tokenizer=...)``, which calls it) instead of ``save_pretrained``.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        out_dir: directory to write into (created if needed; existing files are replaced,
+            as ``save_pretrained`` does).
+
+    Returns:
+        ``Path(out_dir)``.
+
+    Example:
+        >>> tok = AutoTokenizer.from_pretrained("zh-llama-tokenizer")  # a seed-merge export
+        >>> save_tokenizer(tok, "copy")
+        >>> AutoTokenizer.from_pretrained("copy")("你好").input_ids[0] == tok.bos_token_id
+        True
+    """
+    if not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(
+            f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}"
+        )
+    from llamazh._atomic import atomic_write_bytes, atomic_write_text
+    from llamazh._files import read_json
+
+    out = Path(out_dir)
+    tokenizer.save_pretrained(str(out))
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if (
+        isinstance(vocab_file, (str, os.PathLike))
+        and Path(vocab_file).name == "tokenizer.model"
+        and Path(vocab_file).is_file()
+        and not (out / "tokenizer.model").exists()
+    ):
+        atomic_write_bytes(out / "tokenizer.model", Path(vocab_file).read_bytes())
+    pattern = getattr(tokenizer, "special_tokens_pattern", None)
+    config_path = out / "tokenizer_config.json"
+    if pattern is not None and getattr(tokenizer, "sp_model", None) is not None:
+        config = read_json(config_path, "a tokenizer config")
+        if config.get("special_tokens_pattern") != pattern:
+            config["special_tokens_pattern"] = pattern
+            atomic_write_text(config_path, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+    return out

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from llamazh._atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from llamazh._files import load_safetensors, read_json
 from llamazh.training.config import AdapterConfig
 from llamazh.training.lora import LoRALinear
 from llamazh.training.prepare import PreparedModel, prepare_for_training, prepared_of
@@ -188,7 +189,9 @@ def save_adapter(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_adapter_files(tmp, prepared, tensors)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            from llamazh.tokenizer.export import save_tokenizer  # keeps BOS (see there)
+
+            save_tokenizer(tokenizer, tmp)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return out
@@ -208,11 +211,9 @@ def read_adapter(
     cfg_path = root / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{str(root)!r} is not an adapter directory: no {CONFIG_NAME}")
-    config = json.loads(cfg_path.read_text())
+    config = read_json(cfg_path, "a PEFT adapter config")
     if (root / WEIGHTS_NAME).is_file():
-        from safetensors.torch import load_file
-
-        raw = load_file(str(root / WEIGHTS_NAME))
+        raw = load_safetensors(root / WEIGHTS_NAME)
     elif (root / PICKLE_NAME).is_file():
         if not allow_pickle:
             raise ValueError(

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from llamazh._atomic import atomic_dir
+from llamazh._files import open_safetensors, read_json
 from llamazh.training.adapters import (
     CONFIG_NAME,
     PICKLE_NAME,
@@ -61,9 +62,7 @@ class _Adapter:
     def get(self, key: str) -> Tensor:
         if self._eager is not None:
             return self._eager[key]
-        from safetensors import safe_open
-
-        with safe_open(str(self.path / WEIGHTS_NAME), framework="pt") as f:
+        with open_safetensors(self.path / WEIGHTS_NAME) as f:
             return f.get_tensor(self._keys[key])
 
     def lora_modules(self) -> list[str]:
@@ -74,7 +73,9 @@ class _Adapter:
 
 def _open_adapter(path: Path, allow_pickle: bool, tied: bool) -> _Adapter:
     raw_cfg = (
-        json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).is_file() else None
+        read_json(path / CONFIG_NAME, "a PEFT adapter config")
+        if (path / CONFIG_NAME).is_file()
+        else None
     )
     if raw_cfg is None:
         raise FileNotFoundError(f"{str(path)!r} is not an adapter directory: no {CONFIG_NAME}")
@@ -82,10 +83,8 @@ def _open_adapter(path: Path, allow_pickle: bool, tied: bool) -> _Adapter:
         raw_cfg, embed_name="embed_tokens", head_name="lm_head", tied=tied
     )
     if (path / WEIGHTS_NAME).is_file():
-        from safetensors import safe_open
-
         keys, shapes = {}, {}
-        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+        with open_safetensors(path / WEIGHTS_NAME) as f:
             for raw in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 key = _normalise(raw)
                 keys[key] = raw
@@ -111,12 +110,10 @@ def _base_layout(
     base: Path,
 ) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
     """weight_map (key -> shard file name) and key -> (shape, dtype), from headers only."""
-    from safetensors import safe_open
-
     if (base / INDEX_NAME).is_file():
-        weight_map = json.loads((base / INDEX_NAME).read_text())["weight_map"]
+        weight_map = read_json(base / INDEX_NAME, "a safetensors index")["weight_map"]
     elif (base / SINGLE_NAME).is_file():
-        with safe_open(str(base / SINGLE_NAME), framework="pt") as f:
+        with open_safetensors(base / SINGLE_NAME) as f:
             weight_map = {k: SINGLE_NAME for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     else:
         found = sorted(p.name for p in base.glob("*.bin"))
@@ -126,7 +123,7 @@ def _base_layout(
         )
     info = {}
     for shard in sorted(set(weight_map.values())):
-        with safe_open(str(base / shard), framework="pt") as f:
+        with open_safetensors(base / shard) as f:
             for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 sl = f.get_slice(k)
                 info[k] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
@@ -263,7 +260,7 @@ def merge_adapters(
         )
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"base_dir={str(base)!r} has no config.json")
-    config = json.loads((base / "config.json").read_text())
+    config = read_json(base / "config.json", "a model config")
     weight_map, info = _base_layout(base)
     embed_key = next((k for k in info if k.endswith("embed_tokens.weight")), None)
     head_key = "lm_head.weight"
@@ -296,7 +293,6 @@ def merge_adapters(
             lora.setdefault(key, []).append((a, m))
     vocab, untie = _embedding_plan(opened, embed_key, head_key, info, tied)
 
-    from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -309,7 +305,7 @@ def merge_adapters(
         shards = sorted(set(weight_map.values()))
         for shard in tqdm(shards, desc="merging shards", unit="shard", disable=not progress):
             tensors: dict[str, Tensor] = {}
-            with safe_open(str(base / shard), framework="pt") as f:
+            with open_safetensors(base / shard) as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     t = f.get_tensor(key)
                     if key in lora:
