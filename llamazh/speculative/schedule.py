@@ -84,7 +84,8 @@ class CostGate:
     ``backoff`` steps, ``backoff`` doubling (up to ``max_backoff``) after every probe that does
     not pay and resetting after one that does. The first step is such a probe. A useless draft
     thus costs a few one-token probes; transformers' dynamic speculation and llama.cpp's
-    ``n_min``/``p_min`` are the same idea, decided per token by the draft's confidence rather than by measured time.
+    ``n_min``/``p_min`` are the same idea, decided per token by the draft's confidence rather
+    than by measured time.
     """
 
     decay = 0.7

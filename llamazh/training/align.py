@@ -105,7 +105,7 @@ def align_embeddings(
     max_steps: int | None = None,
     eval_texts: Sequence[str] | None = None,
     eval_every_s: float | None = None,
-    input_layer: int = 4,
+    input_layer: int = 2,
     lr: float = 3e-3,
     output_lr: float = 0.5,
     chunk_tokens: int = 1024,
