@@ -200,7 +200,9 @@ def summary_rows(s: dict) -> list[dict]:
                    f"en {vocab['tpc_en_base']:.3f} -> {vocab['tpc_en_ext']:.3f}"},
         {"step": "3 continued pre-training", "s": cpt["seconds"],
          "result": f"same {ext['train_cpu_s']:.0f}/{ctl['train_cpu_s']:.0f} CPU s: zh bits/char "
-                   f"{base['bpc_zh']:.3f} -> extended {ext['bpc_zh']:.3f} vs control "
+                   f"{base['bpc_zh']:.3f} -> resized {cpt['resized']['zh']:.3f} -> aligned "
+                   f"({cpt['align_cpu_s']:.0f} CPU s) {cpt['aligned']['zh']:.3f} -> "
+                   f"extended {ext['bpc_zh']:.3f} vs control "
                    f"{ctl['bpc_zh']:.3f} ({verdict}); en {base['bpc_en']:.3f} -> "
                    f"{ext['bpc_en']:.3f} vs {ctl['bpc_en']:.3f}; {ext['tokens']:,} vs "
                    f"{ctl['tokens']:,} tokens"},

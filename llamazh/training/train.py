@@ -274,22 +274,24 @@ def _train(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("-o", "--output", type=Path, required=True, help="the adapter dir")
     parser.add_argument("--tokenizer", type=Path, help="default: the model's (may extend it)")
     parser.add_argument("--template", default="alpaca2", help="sft: a registered template")
-    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--block-size", type=int, default=512, help="pt: tokens per block")
     parser.add_argument("--max-length", type=int, default=512, help="sft: tokens per example")
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--alpha", type=float, default=128.0)
-    parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--embeddings", choices=("full", "new_rows", "frozen"), default="full")
+    parser.add_argument("--rank", type=int, default=64, help="LoRA rank")
+    parser.add_argument("--alpha", type=float, default=128.0, help="LoRA alpha")
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    parser.add_argument("--embeddings", choices=("full", "new_rows", "frozen"), default="full",
+                        help="how the embedding and lm_head train")  # fmt: skip
     parser.add_argument("--lr", type=float, default=None, help="default 2e-4 (pt), 1e-4 (sft)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--save-steps", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--batch-size", type=int, default=1, help="per device")
+    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
+    parser.add_argument("--max-steps", type=int, default=-1, help="-1: as many as --epochs")
+    parser.add_argument("--save-steps", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=42, help="Trainer's seed")
     parser.add_argument("--deepspeed", type=Path, help="a DeepSpeed JSON config")
     parser.add_argument("--resume", type=Path, help="a checkpoint-N directory to continue")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in backward (less memory)")  # fmt: skip
 
     def handler(args: argparse.Namespace) -> int:
         fields = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
