@@ -208,6 +208,7 @@ def align_embeddings(
             f"input_layer must be <= {len(layers)} (the model's layers), got {input_layer}"
         )
 
+    cpu0, wall0 = time.process_time(), time.perf_counter()  # tokenizing counts too
     prefix = document_boundary(old_tokenizer, boundary)
     byte_ends_old = _byte_ends_fn(old_tokenizer)
     byte_ends_new = _byte_ends_fn(new_tokenizer)
@@ -233,7 +234,6 @@ def align_embeddings(
 
     report = AlignmentReport(new_rows=n_new - n_old)
     gen = torch.Generator().manual_seed(seed)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
     eval_cpu = 0.0
 
     def spent() -> float:

@@ -59,7 +59,8 @@ def test_only_new_rows_change_and_state_is_restored(setup):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert model.training
     assert report.steps == 3 and report.new_rows == len(new) - n_old
-    assert report.curve[0][0] == 0 and len(report.curve) >= 2 and report.seen_rows > 0
+    assert len(report.curve) >= 2 and report.curve[0][0] < report.curve[-1][0] <= report.cpu_s + 0.1
+    assert report.seen_rows > 0
     assert report.curve[-1][1] == pytest.approx(bits_per_char(model, new, held))
     assert "bits/char" in str(report)
 
