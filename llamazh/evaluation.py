@@ -107,6 +107,17 @@ def perplexity_by_length(
     return result
 
 
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ``(ids, mask)``, both ``(B, S)`` int64, padded on the right to the longest."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return ids, mask
+
+
 def document_boundary(tokenizer: Any, boundary: int | str | None = "auto") -> list[int]:
     """The ids put before every text that :func:`bits_per_char` scores.
 
@@ -206,13 +217,7 @@ def bits_per_char(
         j = i + 1
         while j < len(seqs) and (j + 1 - i) * len(seqs[j]) <= max_batch_tokens:
             j += 1
-        batch = seqs[i:j]
-        width = len(batch[-1])
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for r, s in enumerate(batch):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
+        ids, mask = pad_right(seqs[i:j])
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, S-1, V)
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)

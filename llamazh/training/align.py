@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llamazh._checks import check_choice, check_positive_float, check_positive_int
+from llamazh.evaluation import bits_per_char, document_boundary, pad_right
 
 __all__ = ["ALIGN_OBJECTIVES", "AlignmentReport", "align_embeddings"]
 
@@ -89,7 +90,6 @@ class _Chunk:
 
     new_ids: Tensor  # (B, Sn) extended ids, padded with 0
     new_mask: Tensor  # (B, Sn) 1 on real tokens
-    where: Tensor  # (B, Sn) base position of each extended token's last piece (-1: none)
     mid: Tensor  # (M, D) base residual after `input_layer` layers at those positions
     mid_at: Tensor  # (M, 2) (row, extended position) of each `mid` row
 
@@ -181,8 +181,6 @@ def align_embeddings(
         ...                           eval_texts=held_out)
         >>> report.curve[-1]
     """
-    from llamazh.evaluation import bits_per_char, document_boundary
-
     texts = _check_texts("texts", texts)
     if eval_texts is not None:
         eval_texts = _check_texts("eval_texts", eval_texts)
@@ -264,9 +262,8 @@ def align_embeddings(
         # texts of like length share a chunk (little padding); chunks come in random order
         batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
         # teacher buffers: output targets (final state, old lse/target logit, next token)
-        out_h: list[Tensor] = []
-        out_lse: list[Tensor] = []
-        out_y: list[Tensor] = []
+        # output targets kept so far: final states (P, D), old log-partition (P,), next id (P,)
+        H = L = Y = None
         chunks: list[_Chunk] = []
         # input rows = own row + a map shared by all new tokens of what the base computed
         # from their pieces alone (context-free, after input_layer layers): every occurrence
@@ -286,20 +283,20 @@ def align_embeddings(
 
         opt_out = None  # made after the first teacher pass, which sets its scale
         step, pass_no = 0, 0
-        budget_steps = max_steps if max_steps is not None else None
         default_passes = 2 if (max_steps is None and max_cpu_s is None) else None
         next_eval = eval_every_s
         while True:
             if pass_no == 0 and step < len(batches):
                 chunk, (h, lse, y) = _teacher(
-                    base_model, head_old, bias_old, batches[step], old_enc, new_enc, prefix,
-                    byte_ends_old, byte_ends_new, input_layer, max_length, n_old,
+                    base_model, batches[step], old_enc, new_enc, prefix, byte_ends_old,
+                    byte_ends_new, input_layer, max_length,
                     objective == "hidden" and step % output_every == 0,
                 )  # fmt: skip
                 chunks.append(chunk)
-                out_h.append(h)
-                out_lse.append(lse)
-                out_y.append(y)
+                if H is None:
+                    H, L, Y = h, lse, y
+                elif len(y):  # concatenated once per teacher pass, not once per step
+                    H, L, Y = torch.cat([H, h]), torch.cat([L, lse]), torch.cat([Y, y])
                 report.teacher_tokens += int(
                     sum(len(old_enc[i][:max_length]) for i in batches[step])
                 )
@@ -343,7 +340,6 @@ def align_embeddings(
             else:
                 loss_in = _input_loss(model, inp, layers, input_layer, chunk, input_rows(), new_ids)
                 loss_in.backward()
-                H, L, Y = torch.cat(out_h), torch.cat(out_lse), torch.cat(out_y)
                 if len(Y):
                     loss_out = _output_loss(H, L, Y, head_old, bias_old, rows_out, bias_new,
                                             n_old, output_batch, gen)  # fmt: skip
@@ -370,7 +366,7 @@ def align_embeddings(
             if next_eval is not None and spent() >= next_eval:
                 evaluate()
                 next_eval += eval_every_s
-            if budget_steps is not None and step >= budget_steps:
+            if max_steps is not None and step >= max_steps:
                 break
             if max_cpu_s is not None and spent() >= max_cpu_s:
                 break
@@ -499,22 +495,12 @@ def _chunks(order: list[int], enc: list[list[int]], budget: int, max_length: int
     return out
 
 
-def _pad(seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, : len(s)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
-def _teacher(base, head_old, bias_old, batch, old_enc, new_enc, prefix, ends_old, ends_new,
-             input_layer, max_length, n_old, full):  # fmt: skip
+def _teacher(base, batch, old_enc, new_enc, prefix, ends_old, ends_new, input_layer,
+             max_length, full):  # fmt: skip
     """The base reads ``batch`` in its tokens: the chunk for input steps and, when ``full``,
     output targets ``(h (P, D), lse_old (P,), next extended id (P,))`` (else empty)."""
-    device = head_old.device
+    device = base.get_input_embeddings().weight.device
     olds, news, wheres = [], [], []
     for i in batch:
         o = prefix + old_enc[i][:max_length]
@@ -527,7 +513,7 @@ def _teacher(base, head_old, bias_old, batch, old_enc, new_enc, prefix, ends_old
         olds.append(o)
         news.append(n)
         wheres.append([pos.get(b, -1) for b in nb])
-    o_ids, o_mask = _pad(olds)
+    o_ids, o_mask = pad_right(olds)
     o_ids, o_mask = o_ids.to(device), o_mask.to(device)
     if full:
         res = base(
@@ -538,11 +524,9 @@ def _teacher(base, head_old, bias_old, batch, old_enc, new_enc, prefix, ends_old
         lse = torch.logsumexp(res.logits.float(), dim=-1)  # (B, So)
     else:  # input targets only: the base runs its first input_layer layers
         mid_all = _run_to_layer(base, _decoder_layers(base)[input_layer - 1], o_ids, o_mask).float()
-    n_ids, n_mask = _pad(news)
-    where = torch.full(n_ids.shape, -1, dtype=torch.long)
+    n_ids, n_mask = pad_right(news)
     hs, lses, ys, mid_rows, mid_at = [], [], [], [], []
     for r, (n, w) in enumerate(zip(news, wheres)):
-        where[r, : len(w)] = torch.tensor(w)
         for j, q in enumerate(w):
             if q < 0:
                 continue
@@ -552,7 +536,7 @@ def _teacher(base, head_old, bias_old, batch, old_enc, new_enc, prefix, ends_old
                 hs.append(final[r, q])
                 lses.append(lse[r, q])
                 ys.append(n[j + 1])
-    chunk = _Chunk(n_ids, n_mask, where, torch.stack(mid_rows), torch.tensor(mid_at))
+    chunk = _Chunk(n_ids, n_mask, torch.stack(mid_rows), torch.tensor(mid_at))
     dim = mid_all.shape[-1]
     H = torch.stack(hs) if hs else mid_all.new_zeros(0, dim)
     L = torch.stack(lses) if lses else mid_all.new_zeros(0)
