@@ -15,8 +15,10 @@ model on the same text. Inits:
 * ``last_heavy/first_heavy, untied``: llamazh's default (``resize_embeddings(untie=True)``):
   output rows leaning on the first piece.
 
-Then llamazh's default is aligned (``align_embeddings``, ``--align-cpu-s`` CPU seconds, body
-frozen) and measured again: the curve, bits/char after it, and tokens per character. With
+Then llamazh's default gets its lm_head rows from counts (``share_output_rows`` on the
+alignment text: the first piece's row plus the token's log share of that piece; no gradient),
+then its input rows are aligned (``align_embeddings``, ``--align-cpu-s`` CPU seconds, body
+frozen), each measured: the curve, bits/char after each, and tokens per character. With
 ``--speed``, greedy Chinese generation of the aligned model in CJK ideographs per second (it
 is not instruction-tuned: the number says what the shorter sequences buy, not answer
 quality). The main job (``examples/recipe.py``) then trains the size chosen here at equal CPU
@@ -48,7 +50,7 @@ import torch
 from llamazh.evaluation import bits_per_char
 from llamazh.pretrained import load_smollm2, smollm2_dir
 from llamazh.tokenizer import chinese_held_out_split, cjk_share, extend_bpe, resize_embeddings
-from llamazh.training import align_embeddings
+from llamazh.training import align_embeddings, share_output_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 UNSEEN = ROOT / "tests" / "fixtures" / "zh_unseen.txt"
@@ -156,13 +158,21 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
             if name != DEFAULT:
                 continue
+            align_texts = zh_train[6000 : 6000 + args.align_lines]
+            cpu = time.process_time()
+            share_output_rows(model, base_tok, ext, align_texts)
+            cpu = time.process_time() - cpu
+            stage = f"+ output share ({cpu:.0f} CPU s)"
+            rows.append({"new tokens": n, "init": name, "stage": stage,
+                         **measure(model, ext, sets), "zh tokens/char": tpc})  # fmt: skip
+            print(rows[-1], flush=True)
             report = align_embeddings(
-                model, base, base_tok, ext, zh_train[6000 : 6000 + args.align_lines],
-                max_cpu_s=args.align_cpu_s, eval_texts=sets["zh"], boundary=SEP,
-                eval_every_s=args.align_cpu_s / 3,
+                model, base, base_tok, ext, align_texts, max_cpu_s=args.align_cpu_s,
+                eval_texts=sets["zh"], boundary=SEP, eval_every_s=args.align_cpu_s / 3,
+                output_share=False, output_lr=0.0,
             )  # fmt: skip
             curves[n] = report.curve
-            stage = f"aligned {report.cpu_s:.0f} CPU s"
+            stage = f"+ input rows aligned ({report.cpu_s:.0f} CPU s)"
             rows.append({"new tokens": n, "init": name, "stage": stage,
                          **measure(model, ext, sets), "zh tokens/char": tpc})  # fmt: skip
             if args.speed:

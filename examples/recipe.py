@@ -96,9 +96,9 @@ class Sizes:
 
 FULL = Sizes(
     eval_chars=3000, curve_chars=800, answer_tokens=40, speed_tokens=48,
-    vocab_line_stride=1, new_tokens=5000, efficiency_lines=2000,
+    vocab_line_stride=1, new_tokens=20000, efficiency_lines=2000,
     cpt_lines=6000, block=256, batch=4, cpt_cpu_s=240, cpt_max_steps=None,
-    align_lines=4000, align_cpu_s=120, align_max_steps=None,
+    align_lines=4000, align_cpu_s=30, align_max_steps=None,
     lora_rank=16, lora_lr=1e-3, rows_lr=2e-3,
     sft_len=192, sft_records=1200, sft_held=40, sft_lr=1e-3, sft_cpu_s=120, sft_max_steps=None,
     long_original=512, long_windows=1,
@@ -200,7 +200,8 @@ def summary_rows(s: dict) -> list[dict]:
                    f"en {vocab['tpc_en_base']:.3f} -> {vocab['tpc_en_ext']:.3f}"},
         {"step": "3 continued pre-training", "s": cpt["seconds"],
          "result": f"same {ext['train_cpu_s']:.0f}/{ctl['train_cpu_s']:.0f} CPU s: zh bits/char "
-                   f"{base['bpc_zh']:.3f} -> resized {cpt['resized']['zh']:.3f} -> aligned "
+                   f"{base['bpc_zh']:.3f} -> resized {cpt['resized']['zh']:.3f} -> output rows "
+                   f"from counts {cpt['shared']['zh']:.3f} -> input rows aligned "
                    f"({cpt['align_cpu_s']:.0f} CPU s) {cpt['aligned']['zh']:.3f} -> "
                    f"extended {ext['bpc_zh']:.3f} vs control "
                    f"{ctl['bpc_zh']:.3f} ({verdict}); en {base['bpc_en']:.3f} -> "

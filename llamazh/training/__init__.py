@@ -22,6 +22,7 @@ from llamazh.training.data import (
 from llamazh.training.embeddings import RowsEmbedding, RowsLinear
 from llamazh.training.lora import LoRALinear
 from llamazh.training.merge import merge_adapters
+from llamazh.training.output_share import OutputShareReport, share_output_rows
 from llamazh.training.prepare import PreparedModel, TrainableReport, prepare_for_training
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "AlignmentReport",
     "CausalLMCollator",
     "LoRALinear",
+    "OutputShareReport",
     "PreparedModel",
     "RowsEmbedding",
     "RowsLinear",
@@ -41,4 +43,5 @@ __all__ = [
     "pack_sequences",
     "prepare_for_training",
     "save_adapter",
+    "share_output_rows",
 ]

@@ -6,19 +6,18 @@ the extensions llamazh makes (``extend_bpe``, ``merge_sentencepiece``) every bou
 extended tokens is also a boundary between base tokens. So the base model, reading the same
 text in its own tokens, says what the extended model should compute at each extended token:
 
-* **output rows** (lm_head): at the base position just before a new token ``t``, the base's
-  final hidden state ``h`` and the logits of the old tokens are fixed; the new rows are
-  fitted so that the extended softmax over ``[old rows; new rows] @ h`` predicts the next
-  extended token (cross-entropy; ALM, arXiv:2503.20083, matches chunk likelihoods the same
-  way). Rows start from the first piece's row plus a constant-logit offset: ``u`` with
-  ``h @ u ~= 1`` (least squares over the teacher's states) times the mean log-probability the
-  base gives the rest of the pieces after the first (a token never seen in ``texts`` gets
-  the mean over tokens with as many pieces);
+* **output rows** (lm_head, untied): from counts (:func:`llamazh.training.share_output_rows`:
+  the first piece's row plus the token's log share of that piece's starts in ``texts``; old
+  rows that begin new tokens lowered by their own share), and by default left there: fitting
+  them by gradient to the base's final states (``output_lr > 0``: at the base position just
+  before a new token, the softmax over ``[old rows; new rows] @ h`` should predict the next
+  extended token, as ALM, arXiv:2503.20083, matches chunk likelihoods) made held-out text
+  worse on SmolLM2;
 * **input rows**: the extended model reads the extended tokens through its first
-  ``input_layer`` layers (the rest of the body is not run); the RMS-normalised residual
-  stream there should equal the base's at the last piece of each token (Token Distillation,
-  arXiv:2505.20133, matches the last layer; matching an early layer costs
-  ``input_layer / num_layers`` of it).
+  ``input_layer`` layers (the rest of the body is not run); the residual stream there, each
+  dimension scaled by its spread, should equal the base's at the last piece of each token
+  (Token Distillation, arXiv:2505.20133, matches the last layer; matching an early layer
+  costs ``input_layer / num_layers`` of it).
 
 Only the new rows train: gradient and optimizer memory scale with the new rows; the base is
 run without gradients; teacher states are kept for reuse (a pass over ``texts`` is run once,
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 
 from llamazh._checks import check_choice, check_positive_float, check_positive_int
 from llamazh.evaluation import bits_per_char, document_boundary, pad_right
+from llamazh.training.output_share import byte_ends_fn, share_rows
 
 __all__ = ["ALIGN_OBJECTIVES", "AlignmentReport", "align_embeddings"]
 
@@ -107,7 +107,7 @@ def align_embeddings(
     eval_every_s: float | None = None,
     input_layer: int = 2,
     lr: float = 3e-3,
-    output_lr: float = 0.5,
+    output_lr: float | None = None,
     chunk_tokens: int = 1024,
     max_length: int = 512,
     output_batch: int = 2048,
@@ -118,6 +118,7 @@ def align_embeddings(
     objective: str = "hidden",
     hidden_weight: float = 1.0,
     shared_map: bool = True,
+    output_share: bool = True,
 ) -> AlignmentReport:
     """Train only ``model``'s new embedding/lm_head rows so that it reproduces ``base_model``.
 
@@ -144,7 +145,10 @@ def align_embeddings(
         input_layer: depth at which input rows are matched (1 .. number of layers).
         lr: Adam learning rate of the input rows (and of the shared rows of a tied model).
         output_lr: step of the untied output rows, in nats of logit per occurrence (plain
-            SGD on the summed loss, learning rate ``output_lr / mean |h|^2``).
+            SGD on the summed loss, learning rate ``output_lr / mean |h|^2``); 0: no output
+            step. Default: 0 with ``output_share`` (fitting the rows to the base's states
+            after it made held-out text worse at every rate tried, see
+            ``docs/tokenizer.md``), else 0.5.
         chunk_tokens: base tokens per teacher pass; texts longer than ``max_length`` base
             tokens are cut.
         output_batch: teacher positions per output step.
@@ -162,6 +166,11 @@ def align_embeddings(
         shared_map: input rows also get ``M @ s_t``, where ``s_t`` is the base's state after
             reading the token's pieces alone and ``M`` (D, D) one matrix trained for all new
             tokens (untied models; a tied row must also serve as output row).
+        output_share: untied models: the output rows start from
+            :func:`llamazh.training.share_output_rows` on ``texts`` (the first piece's row
+            plus the token's log share of that piece's starts; old rows that begin new tokens
+            lowered by their own share), computed once, before the first step, inside the
+            budget; the old rows it lowers are written with the first completed step.
         seed: for the order of positions in output steps.
 
     Returns:
@@ -197,7 +206,9 @@ def align_embeddings(
     check_choice("objective", objective, ALIGN_OBJECTIVES)
     hidden_weight = check_positive_float("hidden_weight", hidden_weight, strict=False)
     lr = check_positive_float("lr", lr)
-    output_lr = check_positive_float("output_lr", output_lr)
+    if output_lr is None:
+        output_lr = 0.0 if output_share else 0.5
+    output_lr = check_positive_float("output_lr", output_lr, strict=False)
     n_old, n_new = _check_models(model, base_model, old_tokenizer, new_tokenizer)
     layers = _decoder_layers(model)
     check_positive_int("input_layer", input_layer)
@@ -208,8 +219,8 @@ def align_embeddings(
 
     cpu0, wall0 = time.process_time(), time.perf_counter()  # tokenizing counts too
     prefix = document_boundary(old_tokenizer, boundary)
-    byte_ends_old = _byte_ends_fn(old_tokenizer)
-    byte_ends_new = _byte_ends_fn(new_tokenizer)
+    byte_ends_old = byte_ends_fn(old_tokenizer)
+    byte_ends_new = byte_ends_fn(new_tokenizer)
     old_enc = old_tokenizer(texts, add_special_tokens=False).input_ids
     new_enc = new_tokenizer(texts, add_special_tokens=False).input_ids
     if not any(i >= n_old for ids in new_enc for i in ids):
@@ -225,7 +236,17 @@ def align_embeddings(
     w_in = inp.weight
     rows_in = nn.Parameter(w_in.detach()[n_old:].float().clone())  # (K, D)
     rows_out = rows_in if tied else nn.Parameter(out.weight.detach()[n_old:].float().clone())
-    head_old = out.weight.detach()[:n_old].float()  # (V_old, D)
+    head_old = out.weight.detach()[:n_old].float().clone()  # (V_old, D), never aliases
+    fit_output = tied or output_lr > 0  # else only input rows train (output rows: the share)
+    lowered = None
+    if output_share and not tied:
+        # from the base's rows: after a share_output_rows call the same rows, not lowered twice
+        share_new, lowered, share_old, _ = share_rows(
+            model, old_tokenizer, new_tokenizer, texts, n_old, 0.5, 1024,
+            base_model.get_output_embeddings().weight,
+        )  # fmt: skip
+        rows_out = nn.Parameter(share_new)
+        head_old[lowered] = share_old
     bias = getattr(out, "bias", None)
     bias_old = None if bias is None else bias.detach()[:n_old].float()
     bias_new = None if bias is None else bias.detach()[n_old:].float()
@@ -290,7 +311,8 @@ def align_embeddings(
                 chunk, (h, lse, y) = _teacher(
                     base_model, batches[step], old_enc, new_enc, prefix, byte_ends_old,
                     byte_ends_new, input_layer, max_length,
-                    objective == "hidden" and step % output_every == 0,
+                    objective == "hidden" and step % output_every == 0 and fit_output,
+                    head_old, bias_old,
                 )  # fmt: skip
                 chunks.append(chunk)
                 if H is None:
@@ -300,7 +322,7 @@ def align_embeddings(
                 report.teacher_tokens += int(
                     sum(len(old_enc[i][:max_length]) for i in batches[step])
                 )
-                if opt_out is None and not tied and len(h):
+                if opt_out is None and not tied and len(h) and fit_output:
                     # plain SGD on the summed loss, scaled so that one occurrence moves its
                     # logit by about output_lr nats: Adam would move every row (the partition
                     # gives each a tiny gradient) by a full step and sink all new tokens
@@ -354,6 +376,8 @@ def align_embeddings(
                 inp.weight[n_old:] = input_rows().detach().to(inp.weight.dtype)
                 if not tied:
                     out.weight[n_old:] = rows_out.detach().to(out.weight.dtype)
+                if lowered is not None and step == 0:
+                    out.weight[lowered] = head_old[lowered].to(out.weight.dtype)
             step += 1
             report.steps = step
             report.losses.append((step, loss_out / math.log(2), loss_in))
@@ -454,32 +478,6 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _byte_ends_fn(tokenizer: Any):
-    """ids -> cumulative byte length after each token (byte-level BPE or SentencePiece pieces)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    byte_level = backend is not None and "ByteLevel" in repr(
-        backend.decoder or backend.pre_tokenizer
-    )
-
-    def piece_bytes(tok: str | None) -> int:
-        if tok is None:
-            return 0
-        if byte_level:
-            return len(tok)
-        if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-            return 1
-        return len(tok.replace("\u2581", " ").encode("utf-8"))
-
-    def ends(ids: list[int]) -> list[int]:
-        out, n = [], 0
-        for tok in tokenizer.convert_ids_to_tokens(ids):
-            n += piece_bytes(tok)
-            out.append(n)
-        return out
-
-    return ends
-
-
 def _chunks(order: list[int], enc: list[list[int]], budget: int, max_length: int, extra: int):
     """Text indices (shortest first) grouped so that rows x longest row <= ``budget`` tokens."""
     out, cur, width = [], [], 0
@@ -497,9 +495,11 @@ def _chunks(order: list[int], enc: list[list[int]], budget: int, max_length: int
 
 @torch.no_grad()
 def _teacher(base, batch, old_enc, new_enc, prefix, ends_old, ends_new, input_layer,
-             max_length, full):  # fmt: skip
+             max_length, full, head_old, bias_old):  # fmt: skip
     """The base reads ``batch`` in its tokens: the chunk for input steps and, when ``full``,
-    output targets ``(h (P, D), lse_old (P,), next extended id (P,))`` (else empty)."""
+    output targets ``(h (P, D), lse_old (P,), next extended id (P,))`` (else empty); the
+    log-partition of the old tokens comes from ``head_old`` (V_old, D), the extended model's
+    old rows (which ``output_share`` may have lowered), not from the base's logits."""
     device = base.get_input_embeddings().weight.device
     olds, news, wheres = [], [], []
     for i in batch:
@@ -516,16 +516,15 @@ def _teacher(base, batch, old_enc, new_enc, prefix, ends_old, ends_new, input_la
     o_ids, o_mask = pad_right(olds)
     o_ids, o_mask = o_ids.to(device), o_mask.to(device)
     if full:
-        res = base(
+        res = base.get_decoder()(
             input_ids=o_ids, attention_mask=o_mask, output_hidden_states=True, use_cache=False
         )
-        final = res.hidden_states[-1].float()  # (B, So, D), after the final norm
+        final = res.last_hidden_state.float()  # (B, So, D), after the final norm
         mid_all = res.hidden_states[input_layer].float()  # (B, So, D)
-        lse = torch.logsumexp(res.logits.float(), dim=-1)  # (B, So)
     else:  # input targets only: the base runs its first input_layer layers
         mid_all = _run_to_layer(base, _decoder_layers(base)[input_layer - 1], o_ids, o_mask).float()
     n_ids, n_mask = pad_right(news)
-    hs, lses, ys, mid_rows, mid_at = [], [], [], [], []
+    hs, ys, mid_rows, mid_at = [], [], [], []
     for r, (n, w) in enumerate(zip(news, wheres)):
         for j, q in enumerate(w):
             if q < 0:
@@ -534,12 +533,14 @@ def _teacher(base, batch, old_enc, new_enc, prefix, ends_old, ends_new, input_la
             mid_at.append((r, j))
             if full and j + 1 < len(n) and w[j + 1] >= 0:
                 hs.append(final[r, q])
-                lses.append(lse[r, q])
                 ys.append(n[j + 1])
     chunk = _Chunk(n_ids, n_mask, torch.stack(mid_rows), torch.tensor(mid_at))
     dim = mid_all.shape[-1]
     H = torch.stack(hs) if hs else mid_all.new_zeros(0, dim)
-    L = torch.stack(lses) if lses else mid_all.new_zeros(0)
+    logits = H @ head_old.t()  # (P, V_old)
+    if bias_old is not None:
+        logits = logits + bias_old
+    L = torch.logsumexp(logits, dim=-1)  # (P,)
     return chunk, (H, L, torch.tensor(ys, dtype=torch.long))
 
 

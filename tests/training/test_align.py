@@ -13,8 +13,12 @@ import torch
 from llamazh.evaluation import bits_per_char
 from llamazh.testing import tiny_llama
 from llamazh.tokenizer import chinese_held_out_split, extend_bpe, resize_embeddings
+from llamazh.tokenizer._sources import as_view, piece_splitter
 from llamazh.training import align as align_mod
 from llamazh.training import align_embeddings
+
+# tiny random models have no direction of constant length: share_output_rows says so
+pytestmark = pytest.mark.filterwarnings("ignore:the model's final hidden states:UserWarning")
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "fixtures" / "smollm2_tokenizer"
 
@@ -50,9 +54,15 @@ def test_only_new_rows_change_and_state_is_restored(setup):
                               chunk_tokens=256, eval_texts=held)  # fmt: skip
     n_old = len(old)
     after = model.state_dict()
+    # the lm_head's old rows change only where share_output_rows lowers them: pieces that
+    # begin a new token (tests/training/test_output_share.py)
+    split = piece_splitter(as_view(old, "old"))
+    firsts = {split(new.convert_ids_to_tokens(t))[0] for t in range(n_old, len(new))}
+    others = [i for i in range(n_old) if i not in firsts]
     for key, value in before.items():
         if key.endswith(("embed_tokens.weight", "lm_head.weight")):
-            assert torch.equal(after[key][:n_old], value[:n_old]), key
+            kept = slice(0, n_old) if key.endswith("embed_tokens.weight") else others
+            assert torch.equal(after[key][kept], value[kept]), key
             assert not torch.equal(after[key][n_old:], value[n_old:]), key
         else:
             assert torch.equal(after[key], value), key
@@ -69,7 +79,7 @@ def test_objectives_go_down_on_repeated_text(setup):
     old, new, base, texts, _ = setup
     model = _resized(base, old, new, untie=False)
     report = align_embeddings(model, base, old, new, texts[:8], max_steps=12, input_layer=2,
-                              chunk_tokens=4096, lr=1e-3)  # fmt: skip
+                              chunk_tokens=4096, lr=1e-3, output_share=False)  # fmt: skip
     first, last = report.losses[0], report.losses[-1]
     assert last[2] < first[2]  # input: hidden-state mismatch
     assert last[1] < first[1]  # output: bits per extended token
