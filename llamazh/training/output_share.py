@@ -125,6 +125,8 @@ def _constant_direction(
             n += len(seq)
     finally:
         model.train(was_training)
+    if not states:
+        raise ValueError("texts must hold a text of at least two old-tokenizer tokens")
     H = torch.cat(states)  # (N, D)
     ridge = 1e-3 * float(H.pow(2).sum(-1).mean())
     gram = H.T @ H + ridge * torch.eye(H.shape[1], device=H.device)
