@@ -242,8 +242,8 @@ def align_embeddings(
     if output_share and not tied:
         # from the base's rows: after a share_output_rows call the same rows, not lowered twice
         share_new, lowered, share_old, _ = share_rows(
-            model, old_tokenizer, new_tokenizer, texts, n_old, 0.5, 1024,
-            base_model.get_output_embeddings().weight,
+            model, old_tokenizer, new_tokenizer, texts, n_old,
+            original=base_model.get_output_embeddings().weight, encoded=(old_enc, new_enc),
         )  # fmt: skip
         rows_out = nn.Parameter(share_new)
         head_old[lowered] = share_old
@@ -282,7 +282,6 @@ def align_embeddings(
         batches = _chunks(order, old_enc, chunk_tokens, max_length, len(prefix))
         # texts of like length share a chunk (little padding); chunks come in random order
         batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-        # teacher buffers: output targets (final state, old lse/target logit, next token)
         # output targets kept so far: final states (P, D), old log-partition (P,), next id (P,)
         H = L = Y = None
         chunks: list[_Chunk] = []

@@ -34,6 +34,8 @@ __all__ = ["SPREAD_WARNING", "OutputShareReport", "byte_ends_fn", "share_output_
 
 #: ``u_spread`` above which :func:`share_output_rows` warns (SmolLM2: 0.017)
 SPREAD_WARNING = 0.25
+SMOOTHING = 0.5  # defaults of share_output_rows, also what align_embeddings uses
+FIT_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,13 @@ def byte_ends_fn(tokenizer: Any):
     return ends
 
 
-def _count_starts(old_tok: Any, new_tok: Any, texts: list[str]) -> tuple[Counter, Counter, int]:
+def _count_starts(
+    old_tok: Any, new_tok: Any, olds: list[list[int]], news: list[list[int]]
+) -> tuple[Counter, Counter, int]:
     """(occurrences of each extended token, extended-token starts per first base piece, total
-    extended tokens counted). A token whose start is not a base boundary is skipped."""
+    extended tokens counted) over the same texts encoded by both tokenizers. A token whose
+    start is not a base boundary is skipped."""
     ends_old, ends_new = byte_ends_fn(old_tok), byte_ends_fn(new_tok)
-    olds = old_tok(texts, add_special_tokens=False).input_ids
-    news = new_tok(texts, add_special_tokens=False).input_ids
     occurs: Counter = Counter()
     starts: Counter = Counter()
     total = 0
@@ -140,8 +143,8 @@ def share_output_rows(
     new_tokenizer: Any,
     texts: Sequence[str],
     *,
-    smoothing: float = 0.5,
-    fit_tokens: int = 1024,
+    smoothing: float = SMOOTHING,
+    fit_tokens: int = FIT_TOKENS,
 ) -> OutputShareReport:
     """Set the lm_head rows of a vocabulary extension from counts in ``texts`` (no gradient).
 
@@ -217,18 +220,26 @@ def share_rows(
     new_tokenizer: Any,
     texts: list[str],
     n_old: int,
-    smoothing: float,
-    fit_tokens: int,
+    smoothing: float = SMOOTHING,
+    fit_tokens: int = FIT_TOKENS,
     original: Tensor | None = None,
+    encoded: tuple[list[list[int]], list[list[int]]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, OutputShareReport]:
     """The rows :func:`share_output_rows` writes, without writing them: ``(new rows (K, D),
     lowered old ids (J,), their rows (J, D), report)`` (fp32, on the lm_head's device).
     ``original`` (V_old, D): the old rows to start from (default: ``model``'s own; the base's
-    make a second call give the same rows instead of lowering them twice)."""
+    make a second call give the same rows instead of lowering them twice). ``encoded``:
+    ``texts`` already encoded by (old, new) tokenizer, without special tokens."""
     from llamazh.tokenizer._sources import as_view, piece_splitter
 
     n_new = len(new_tokenizer)
-    occurs, starts, total = _count_starts(old_tokenizer, new_tokenizer, texts)
+    if encoded is None:
+        encoded = (
+            old_tokenizer(texts, add_special_tokens=False).input_ids,
+            new_tokenizer(texts, add_special_tokens=False).input_ids,
+        )
+    old_ids, new_ids = encoded
+    occurs, starts, total = _count_starts(old_tokenizer, new_tokenizer, old_ids, new_ids)
     seen_new = sum(1 for t in occurs if t >= n_old)
     if not seen_new:
         raise ValueError(
@@ -249,7 +260,6 @@ def share_rows(
     def log_share(t: int, a: int) -> float:
         return math.log((occurs[t] + smoothing) / (starts[a] + smoothing * (children[a] + 1)))
 
-    old_ids = old_tokenizer(texts, add_special_tokens=False).input_ids
     u, spread = _constant_direction(model, [ids for ids in old_ids if len(ids) > 1], fit_tokens)
     if spread > SPREAD_WARNING:
         warnings.warn(
