@@ -36,12 +36,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llamazh._checks import check_choice, check_positive_float, check_positive_int
-from llamazh.evaluation import bits_per_char, document_boundary, pad_right
+from llamazh.evaluation import bits_per_char, document_boundary
+from llamazh.training._align_checks import _check_models, _check_texts
+from llamazh.training._align_losses import _input_loss, _lm_losses, _output_loss
+from llamazh.training._align_teacher import (
+    _Chunk,
+    _chunks,
+    _decoder_layers,
+    _piece_states,
+    _teacher,
+)
 from llamazh.training.output_share import byte_ends_fn, share_rows
+
+# align_embeddings looks the private helpers up in this module's namespace, where they are
+# imported: tests/training/test_align.py patches ``_input_loss`` and ``_lm_losses`` here
 
 __all__ = ["ALIGN_OBJECTIVES", "AlignmentReport", "align_embeddings"]
 
@@ -78,20 +89,6 @@ class AlignmentReport:
         ]
         lines += [f"  {cpu:8.1f} CPU s: {bpc:.3f} bits/char" for cpu, bpc in self.curve]
         return "\n".join(lines)
-
-
-class _Stop(Exception):
-    """Raised by a forward hook to end a forward pass after the layer it is on."""
-
-
-@dataclass
-class _Chunk:
-    """One teacher pass: a batch of texts in both tokenizations and what the base said."""
-
-    new_ids: Tensor  # (B, Sn) extended ids, padded with 0
-    new_mask: Tensor  # (B, Sn) 1 on real tokens
-    mid: Tensor  # (M, D) base residual after `input_layer` layers at those positions
-    mid_at: Tensor  # (M, 2) (row, extended position) of each `mid` row
 
 
 def align_embeddings(
@@ -406,266 +403,3 @@ def align_embeddings(
             p.requires_grad_(flag)
         model.train(was_training)
     return report
-
-
-def _check_texts(name: str, texts: Any) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError(
-            f"{name} must be a sequence of strings, got a single str; wrap it in a list"
-        )
-    texts = [t for t in texts]
-    if not texts:
-        raise ValueError(f"{name} must not be empty")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
-    texts = [t for t in texts if t]
-    if not texts:
-        raise ValueError(f"{name} holds only empty strings")
-    return texts
-
-
-def _check_models(model: Any, base_model: Any, old_tok: Any, new_tok: Any) -> tuple[int, int]:
-    """(len(old), len(new)) after checking that the tokenizers and the models fit together."""
-    from llamazh.tokenizer._sources import as_view
-    from llamazh.tokenizer.resize import check_extends
-
-    if model is base_model:
-        raise ValueError(
-            "model and base_model are the same object; pass the original as base_model"
-        )
-    old, new = as_view(old_tok, "old_tokenizer"), as_view(new_tok, "new_tokenizer")
-    check_extends(old, new)
-    n_old, n_new = len(old), len(new)
-    if n_new == n_old:
-        raise ValueError("new_tokenizer adds no token to old_tokenizer: there is nothing to align")
-    for name, m, n, tok in (
-        ("model", model, n_new, "new"),
-        ("base_model", base_model, n_old, "old"),
-    ):
-        rows = m.get_input_embeddings().weight.shape[0]
-        if rows != n:
-            raise ValueError(
-                f"{name} has {rows} embedding rows but {tok}_tokenizer has {n} tokens; "
-                + (
-                    "resize it first (llamazh.tokenizer.resize_embeddings)"
-                    if name == "model"
-                    else "base_model must be the model before resizing"
-                )
-            )
-    if model is base_model:
-        raise ValueError(
-            "model and base_model are the same object; pass the original as base_model"
-        )
-    out = model.get_output_embeddings()
-    if out is None or out.weight.shape[0] != n_new:
-        raise ValueError(f"model's lm_head must have {n_new} rows (resize_embeddings grows it)")
-    return n_old, n_new
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder's list of layers (``model.model.layers`` for transformers' causal LMs)."""
-    decoder = (
-        model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    )
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise ValueError(
-            f"model ({type(model).__name__}) has no decoder with a `layers` list; "
-            "align_embeddings needs a transformers decoder-only causal LM"
-        )
-    return layers
-
-
-def _chunks(order: list[int], enc: list[list[int]], budget: int, max_length: int, extra: int):
-    """Text indices (shortest first) grouped so that rows x longest row <= ``budget`` tokens."""
-    out, cur, width = [], [], 0
-    for i in order:
-        n = min(len(enc[i]), max_length) + extra
-        if cur and (len(cur) + 1) * max(width, n) > budget:
-            out.append(cur)
-            cur, width = [], 0
-        cur.append(i)
-        width = max(width, n)
-    if cur:
-        out.append(cur)
-    return out
-
-
-@torch.no_grad()
-def _teacher(base, batch, old_enc, new_enc, prefix, ends_old, ends_new, input_layer,
-             max_length, full, head_old, bias_old):  # fmt: skip
-    """The base reads ``batch`` in its tokens: the chunk for input steps and, when ``full``,
-    output targets ``(h (P, D), lse_old (P,), next extended id (P,))`` (else empty); the
-    log-partition of the old tokens comes from ``head_old`` (V_old, D), the extended model's
-    old rows (which ``output_share`` may have lowered), not from the base's logits."""
-    device = base.get_input_embeddings().weight.device
-    olds, news, wheres = [], [], []
-    for i in batch:
-        o = prefix + old_enc[i][:max_length]
-        ob = ends_old(o)
-        pos = {b: q for q, b in enumerate(ob)}
-        n = prefix + new_enc[i]
-        nb = ends_new(n)
-        keep = next((j for j in range(len(n) - 1, -1, -1) if nb[j] <= ob[-1]), 0) + 1
-        n, nb = n[:keep], nb[:keep]
-        olds.append(o)
-        news.append(n)
-        wheres.append([pos.get(b, -1) for b in nb])
-    o_ids, o_mask = pad_right(olds)
-    o_ids, o_mask = o_ids.to(device), o_mask.to(device)
-    if full:
-        res = base.get_decoder()(
-            input_ids=o_ids, attention_mask=o_mask, output_hidden_states=True, use_cache=False
-        )
-        final = res.last_hidden_state.float()  # (B, So, D), after the final norm
-        mid_all = res.hidden_states[input_layer].float()  # (B, So, D)
-    else:  # input targets only: the base runs its first input_layer layers
-        mid_all = _run_to_layer(base, _decoder_layers(base)[input_layer - 1], o_ids, o_mask).float()
-    n_ids, n_mask = pad_right(news)
-    hs, ys, mid_rows, mid_at = [], [], [], []
-    for r, (n, w) in enumerate(zip(news, wheres)):
-        for j, q in enumerate(w):
-            if q < 0:
-                continue
-            mid_rows.append(mid_all[r, q])
-            mid_at.append((r, j))
-            if full and j + 1 < len(n) and w[j + 1] >= 0:
-                hs.append(final[r, q])
-                ys.append(n[j + 1])
-    chunk = _Chunk(n_ids, n_mask, torch.stack(mid_rows), torch.tensor(mid_at))
-    dim = mid_all.shape[-1]
-    H = torch.stack(hs) if hs else mid_all.new_zeros(0, dim)
-    logits = H @ head_old.t()  # (P, V_old)
-    if bias_old is not None:
-        logits = logits + bias_old
-    L = torch.logsumexp(logits, dim=-1)  # (P,)
-    return chunk, (H, L, torch.tensor(ys, dtype=torch.long))
-
-
-def _mismatch(got: Tensor, want: Tensor) -> Tensor:
-    """Mean squared error with each dimension scaled by its spread in ``want`` (M, D): the
-    residual stream has a few dimensions hundreds of times larger than the rest, which would
-    otherwise be all that the loss sees."""
-    scale = want.std(dim=0, keepdim=True).clamp_min(1e-6).reciprocal()  # (1, D)
-    return ((got - want) * scale).pow(2).mean()
-
-
-def _lm_losses(model, inp, out, layers, input_layer, chunk, rows_in, rows_out, new_ids, tied):
-    """The extended model reads the chunk with the trainable rows swapped in: next-token
-    cross-entropy (mean, nats), the hidden-state mismatch after ``input_layer`` layers, the
-    mean squared norm of the final states and the number of predicted tokens."""
-    from llamazh.training.embeddings import RowsEmbedding, RowsLinear
-
-    device = rows_in.device
-    captured: dict[str, Tensor] = {}
-
-    def grab(_module, _args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-
-    def grab_head(_module, args):
-        captured["x"] = args[0].detach()
-
-    emb = RowsEmbedding(inp, new_ids, rows=rows_in)
-    head = (
-        RowsLinear(out, new_ids, rows=rows_out)
-        if not tied
-        else RowsLinear(out, new_ids, rows=rows_in)
-    )
-    model.set_input_embeddings(emb)
-    model.set_output_embeddings(head)
-    handles = [layers[input_layer - 1].register_forward_hook(grab),
-               head.register_forward_pre_hook(grab_head)]  # fmt: skip
-    try:
-        ids, mask = chunk.new_ids.to(device), chunk.new_mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-        model.set_input_embeddings(inp)
-        model.set_output_embeddings(out)
-    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    lm = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100)
-    at = chunk.mid_at.to(device)
-    got = captured["h"].float()[at[:, 0], at[:, 1]]  # (M, D)
-    hidden = _mismatch(got, chunk.mid.to(device))
-    mean_h2 = float(captured["x"].float().pow(2).sum(-1).mean())
-    return lm, hidden, mean_h2, int((labels != -100).sum())
-
-
-@torch.no_grad()
-def _piece_states(base, old_tok, new_tok, n_old, prefix, layer) -> Tensor:
-    """(K, D): for each new token, the base's residual after ``layer`` layers at the last of its
-    pieces, read alone after ``prefix``; RMS-normalised per token (zeros: no pieces)."""
-    from llamazh.tokenizer._sources import as_view, piece_splitter
-
-    split = piece_splitter(as_view(old_tok, "old_tokenizer"))
-    tokens = new_tok.convert_ids_to_tokens(list(range(n_old, len(new_tok))))
-    pieces = [split(t) if t else [] for t in tokens]
-    first = base.get_input_embeddings().weight
-    out = torch.zeros(len(pieces), first.shape[1], device=first.device)
-    by_len: dict[int, list[int]] = {}
-    for k, p in enumerate(pieces):
-        if p:
-            by_len.setdefault(len(p), []).append(k)
-    stop = _decoder_layers(base)[layer - 1]
-    for ks in by_len.values():
-        for i in range(0, len(ks), 256):
-            batch = ks[i : i + 256]
-            ids = torch.tensor([prefix + pieces[k] for k in batch], device=first.device)
-            h = _run_to_layer(base, stop, ids, torch.ones_like(ids))[:, -1].float()  # (b, D)
-            out[batch] = h * h.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
-    return out
-
-
-def _run_to_layer(model: nn.Module, layer: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
-    """The residual stream after ``layer`` (B, S, D): the forward stops there."""
-    captured: dict[str, Tensor] = {}
-
-    def hook(_module, _args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["h"]
-
-
-def _input_loss(model, inp, layers, input_layer, chunk, rows_in, new_ids) -> Tensor:
-    """Mean squared error of the RMS-normalised residual after ``input_layer`` layers."""
-    from llamazh.training.embeddings import RowsEmbedding
-
-    device = rows_in.device
-    model.set_input_embeddings(RowsEmbedding(inp, new_ids, rows=rows_in))
-    try:
-        h = _run_to_layer(model, layers[input_layer - 1], chunk.new_ids.to(device),
-                          chunk.new_mask.to(device))  # fmt: skip
-    finally:
-        model.set_input_embeddings(inp)
-    h = h.float()  # (B, Sn, D)
-    at = chunk.mid_at.to(device)
-    got = h[at[:, 0], at[:, 1]]  # (M, D)
-    return _mismatch(got, chunk.mid.to(device))
-
-
-def _output_loss(H, L, Y, head_old, bias_old, rows_out, bias_new, n_old, batch, gen) -> Tensor:
-    """Cross-entropy (nats) of the next extended token over [old; new] logits at teacher states."""
-    if H.shape[0] > batch:
-        pick = torch.randperm(H.shape[0], generator=gen)[:batch].to(H.device)
-        H, L, Y = H[pick], L[pick], Y[pick]
-    logits_new = H @ rows_out.t()  # (P, K)
-    if bias_new is not None:
-        logits_new = logits_new + bias_new
-    lse = torch.logaddexp(L, torch.logsumexp(logits_new, dim=-1))  # (P,)
-    is_new = n_old <= Y
-    old_y = Y.clamp(max=n_old - 1)
-    target_old = (H * head_old[old_y]).sum(-1)
-    if bias_old is not None:
-        target_old = target_old + bias_old[old_y]
-    target_new = logits_new.gather(1, (Y - n_old).clamp(min=0).unsqueeze(1)).squeeze(1)
-    return (lse - torch.where(is_new, target_new, target_old)).mean()
