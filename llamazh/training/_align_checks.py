@@ -51,10 +51,6 @@ def _check_models(model: Any, base_model: Any, old_tok: Any, new_tok: Any) -> tu
                     else "base_model must be the model before resizing"
                 )
             )
-    if model is base_model:
-        raise ValueError(
-            "model and base_model are the same object; pass the original as base_model"
-        )
     out = model.get_output_embeddings()
     if out is None or out.weight.shape[0] != n_new:
         raise ValueError(f"model's lm_head must have {n_new} rows (resize_embeddings grows it)")
