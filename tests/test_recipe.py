@@ -28,11 +28,11 @@ def _examples_on_path(monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(EXAMPLES))
 
 
-def run_recipe(run_dir: Path) -> str:
+def run_recipe(run_dir: Path, *flags: str) -> str:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "recipe.py"), "--quick", "--run-dir", str(run_dir)],
+        [sys.executable, str(EXAMPLES / "recipe.py"), "--quick", "--run-dir", str(run_dir), *flags],
         capture_output=True,
         text=True,
         env=env,
@@ -71,6 +71,28 @@ def test_quick_recipe_runs_and_resumes(tmp_path):
     second = run_recipe(run_dir)
     assert second.count("(cached in") == len(STEPS)
     assert "=== Summary ===" in second
+    # --stop-after runs the steps up to it and no further
+    third = run_recipe(run_dir, "--stop-after", "3")
+    assert third.count("(cached in") == 3
+    assert "stopped after step 3" in third and "=== Summary ===" not in third
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--new-tokens", "0"], "--new-tokens must be > 0, got 0"),
+        (["--new-tokens", "10", "--tokenizer", "tok"], "exclude each other"),
+        (["--stop-after", "0"], "invalid choice"),
+        (["--budget-scale", "-1"], "--budget-scale must be > 0"),
+    ],
+)
+def test_bad_flags_are_refused(argv, message, monkeypatch, capsys):
+    _examples_on_path(monkeypatch)
+    import recipe
+
+    with pytest.raises(SystemExit):
+        recipe.main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_interrupted_step_leaves_no_result_and_is_redone(tmp_path, monkeypatch):
