@@ -40,6 +40,34 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
+def check_texts(name: str, texts: Any, *, empty: str = "drop") -> list[str]:
+    """Return ``texts`` as a list of strings, else raise.
+
+    A single ``str`` (a common slip: it would be read character by character) and any item that
+    is not a ``str`` raise ``TypeError``; no texts raise ``ValueError``. Empty strings are
+    dropped with ``empty="drop"`` (an error if none is left) or refused with ``"refuse"``.
+    """
+    check_choice("empty", empty, ("drop", "refuse"))
+    if isinstance(texts, str):
+        raise TypeError(
+            f"{name} must be a sequence of strings, got a single str; wrap it in a list"
+        )
+    if not isinstance(texts, Iterable):
+        raise TypeError(f"{name} must be a sequence of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"{name} must not be empty")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
+        if not t and empty == "refuse":
+            raise ValueError(f"{name}[{i}] must be a non-empty string, got ''")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError(f"{name} holds only empty strings")
+    return texts
+
+
 def check_file(name: str, path: str | os.PathLike[str]) -> Path:
     """Return ``Path(path)`` if it is an existing regular file, else raise ``FileNotFoundError``."""
     p = Path(path)

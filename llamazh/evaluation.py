@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llamazh._checks import check_positive_int
+from llamazh._checks import check_positive_int, check_texts
 
 __all__ = [
     "bits_per_char",
@@ -192,20 +192,13 @@ def bits_per_char(
 
     Raises:
         ValueError: ``texts`` empty, or a text empty.
-        TypeError: ``texts`` is a single string.
+        TypeError: ``texts`` is a single string, or holds something that is not a ``str``.
 
     Example:
         >>> bits_per_char(model, tokenizer, ["中国的首都是北京。", "Hello world."])
         3.92
     """
-    if isinstance(texts, str):
-        raise TypeError("texts must be a sequence of strings, got a single str; wrap it in a list")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts must not be empty")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t:
-            raise ValueError(f"texts[{i}] must be a non-empty string, got {t!r}")
+    texts = check_texts("texts", texts, empty="refuse")
     check_positive_int("max_batch_tokens", max_batch_tokens)
     device = _device_of(model, device)
     prefix = document_boundary(tokenizer, boundary)

@@ -1,26 +1,9 @@
 """Argument checks of :func:`llamazh.training.align_embeddings` that need more than
-``llamazh._checks``: the texts, and that the tokenizers and both models fit together."""
+``llamazh._checks``: that the tokenizers and both models fit together."""
 
 from __future__ import annotations
 
 from typing import Any
-
-
-def _check_texts(name: str, texts: Any) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError(
-            f"{name} must be a sequence of strings, got a single str; wrap it in a list"
-        )
-    texts = [t for t in texts]
-    if not texts:
-        raise ValueError(f"{name} must not be empty")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
-    texts = [t for t in texts if t]
-    if not texts:
-        raise ValueError(f"{name} holds only empty strings")
-    return texts
 
 
 def _check_models(model: Any, base_model: Any, old_tok: Any, new_tok: Any) -> tuple[int, int]:

@@ -38,9 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llamazh._checks import check_choice, check_positive_float, check_positive_int
+from llamazh._checks import (
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    check_texts,
+)
 from llamazh.evaluation import bits_per_char, document_boundary
-from llamazh.training._align_checks import _check_models, _check_texts
+from llamazh.training._align_checks import _check_models
 from llamazh.training._align_losses import _input_loss, _lm_losses, _output_loss
 from llamazh.training._align_teacher import (
     _Chunk,
@@ -187,9 +192,9 @@ def align_embeddings(
         ...                           eval_texts=held_out)
         >>> report.curve[-1]
     """
-    texts = _check_texts("texts", texts)
+    texts = check_texts("texts", texts)
     if eval_texts is not None:
-        eval_texts = _check_texts("eval_texts", eval_texts)
+        eval_texts = check_texts("eval_texts", eval_texts)
     if max_cpu_s is not None:
         max_cpu_s = check_positive_float("max_cpu_s", max_cpu_s)
     if max_steps is not None:

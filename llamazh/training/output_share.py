@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llamazh._checks import check_positive_float, check_positive_int
+from llamazh._checks import check_positive_float, check_positive_int, check_texts
 
 __all__ = ["SPREAD_WARNING", "OutputShareReport", "byte_ends_fn", "share_output_rows", "share_rows"]
 
@@ -172,7 +172,7 @@ def share_output_rows(
         ValueError: tied embeddings (the row is also the input row: resize with
             ``untie=True``); tokenizers and rows that do not match; ``texts`` empty or without
             a new token.
-        TypeError: ``texts`` is a single string.
+        TypeError: ``texts`` is a single string, or holds something that is not a ``str``.
 
     Example:
         >>> resize_embeddings(model, old_tok, new_tok, untie=True)
@@ -182,11 +182,7 @@ def share_output_rows(
     from llamazh.tokenizer._sources import as_view
     from llamazh.tokenizer.resize import check_extends
 
-    if isinstance(texts, str):
-        raise TypeError("texts must be a sequence of strings, got a single str; wrap it in a list")
-    texts = [t for t in texts if isinstance(t, str) and t]
-    if not texts:
-        raise ValueError("texts must hold at least one non-empty string")
+    texts = check_texts("texts", texts)
     smoothing = check_positive_float("smoothing", smoothing)
     check_positive_int("fit_tokens", fit_tokens, minimum=16)
     old, new = as_view(old_tokenizer, "old_tokenizer"), as_view(new_tokenizer, "new_tokenizer")

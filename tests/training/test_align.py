@@ -143,3 +143,41 @@ def test_bad_input(setup):
         align_embeddings(model, base, old, new, texts, max_steps=1, input_layer=9)
     with pytest.raises(ValueError, match="same object"):
         align_embeddings(model, model, old, new, texts, max_steps=1)
+
+
+BAD_TEXTS = [
+    ("中文", TypeError, "single str"),
+    ([], ValueError, "must not be empty"),
+    (["中文", 3], TypeError, r"texts\[1\] must be a str, got int"),
+    (["中文", None], TypeError, r"texts\[1\] must be a str, got NoneType"),
+    (["", ""], ValueError, "only empty strings"),
+    (42, TypeError, "sequence of strings, got int"),
+]
+
+
+@pytest.mark.parametrize(("texts", "error", "match"), BAD_TEXTS)
+def test_texts_are_checked_alike(setup, texts, error, match):
+    # one rule (llamazh._checks.check_texts) for the three functions that read lists of texts;
+    # bits_per_char also refuses a single empty text (its characters are the denominator)
+    from llamazh.training import share_output_rows
+
+    old, new, base, _, _ = setup
+    model = _resized(base, old, new, untie=True)
+    with pytest.raises(error, match=match):
+        align_embeddings(model, base, old, new, texts, max_steps=1)
+    with pytest.raises(error, match=match):
+        share_output_rows(copy.deepcopy(model), old, new, texts)
+    match = r"texts\[0\] must be a non-empty string" if texts == ["", ""] else match
+    with pytest.raises(error, match=match):
+        bits_per_char(base, old, texts)
+
+
+def test_empty_texts_among_others():
+    from llamazh._checks import check_texts
+
+    assert check_texts("texts", ("a", "", "b")) == ["a", "b"]
+    assert check_texts("texts", (t for t in ["a"])) == ["a"]
+    with pytest.raises(ValueError, match=r"texts\[1\] must be a non-empty string"):
+        check_texts("texts", ["a", ""], empty="refuse")
+    with pytest.raises(ValueError, match="empty must be one of"):
+        check_texts("texts", ["a"], empty="keep")
