@@ -10,7 +10,8 @@ Example:
     >>> save_adapter(prepared, "out/adapter")
 """
 
-from llamazh.training.adapters import load_adapter, save_adapter
+from llamazh.training.adapter_load import load_adapter
+from llamazh.training.adapters import save_adapter
 from llamazh.training.align import AlignmentReport, align_embeddings
 from llamazh.training.config import AdapterConfig
 from llamazh.training.data import (
@@ -23,7 +24,8 @@ from llamazh.training.embeddings import RowsEmbedding, RowsLinear
 from llamazh.training.lora import LoRALinear
 from llamazh.training.merge import merge_adapters
 from llamazh.training.output_share import OutputShareReport, share_output_rows
-from llamazh.training.prepare import PreparedModel, TrainableReport, prepare_for_training
+from llamazh.training.prepare import prepare_for_training
+from llamazh.training.prepared import PreparedModel, TrainableReport
 
 __all__ = [
     "AdapterConfig",

@@ -39,7 +39,7 @@ from llamazh.training.adapters import (
     write_adapter_files,
 )
 from llamazh.training.merge import INDEX_NAME
-from llamazh.training.prepare import PreparedModel
+from llamazh.training.prepared import PreparedModel
 
 
 def save_checkpoint(
