@@ -68,6 +68,7 @@ class Sizes:
     efficiency_lines: int
     cpt_lines: int
     block: int
+    cpt_samples: str  # "lines": whole lines from a boundary; "blocks": a packed stream
     batch: int
     cpt_cpu_s: float | None
     cpt_max_steps: int | None
@@ -100,7 +101,7 @@ class Sizes:
 FULL = Sizes(
     eval_chars=3000, curve_chars=800, answer_tokens=40, speed_tokens=48,
     vocab_line_stride=1, new_tokens=20000, efficiency_lines=2000,
-    cpt_lines=6000, block=256, batch=4, cpt_cpu_s=240, cpt_max_steps=None,
+    cpt_lines=6000, block=256, cpt_samples="blocks", batch=4, cpt_cpu_s=240, cpt_max_steps=None,
     align_lines=4000, align_cpu_s=30, align_max_steps=None,
     lora_rank=16, lora_lr=1e-3, rows_lr=2e-3,
     sft_len=192, sft_records=1200, sft_held=40, sft_lr=1e-3, sft_cpu_s=120, sft_max_steps=None,
@@ -112,7 +113,7 @@ FULL = Sizes(
 QUICK = Sizes(
     eval_chars=400, curve_chars=150, answer_tokens=8, speed_tokens=8,
     vocab_line_stride=20, new_tokens=1000, efficiency_lines=50,
-    cpt_lines=200, block=64, batch=2, cpt_cpu_s=None, cpt_max_steps=2,
+    cpt_lines=200, block=64, cpt_samples="blocks", batch=2, cpt_cpu_s=None, cpt_max_steps=2,
     align_lines=40, align_cpu_s=None, align_max_steps=2,
     lora_rank=4, lora_lr=1e-3, rows_lr=2e-3,
     sft_len=160, sft_records=40, sft_held=6, sft_lr=1e-3, sft_cpu_s=None, sft_max_steps=2,
@@ -145,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         "--stop-after", type=int, choices=range(1, 8), metavar="{1..7}",
         help="stop after this step (no summary or plots)",
     )  # fmt: skip
+    parser.add_argument(
+        "--cpt-samples", choices=("lines", "blocks"),
+        help="step 3's training rows: whole lines from a document boundary, or 256-token blocks "
+        "of the packed stream (default: blocks)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.budget_scale <= 0:
         parser.error(f"--budget-scale must be > 0, got {args.budget_scale}")
@@ -155,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     if args.new_tokens is not None:
         sizes = replace(sizes, new_tokens=args.new_tokens)
+    if args.cpt_samples is not None:
+        sizes = replace(sizes, cpt_samples=args.cpt_samples)
     if not args.quick and args.budget_scale != 1.0:
         k = args.budget_scale
         sizes = replace(sizes, cpt_cpu_s=sizes.cpt_cpu_s * k, sft_cpu_s=sizes.sft_cpu_s * k,

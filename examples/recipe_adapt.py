@@ -21,8 +21,10 @@ from recipe_lib import (
     cut_texts,
     fit,
     lm_loss,
+    row_sampler,
     table,
     to_blocks,
+    to_line_rows,
 )
 
 from llamazh.evaluation import bits_per_char
@@ -209,9 +211,22 @@ def cpt_arm(c: Context, model: Any, tokenizer: Any, prepared: Any, lrs: tuple[fl
     s = c.sizes
     sep = tokenizer.convert_tokens_to_ids(SEP)
     enc = encoder(tokenizer)
-    zh = to_blocks(c.zh_train[: s.cpt_lines], enc, sep, s.block)
-    en = to_blocks(c.en_train[: s.cpt_lines // 4], enc, sep, s.block)[: max(1, len(zh) // 4)]
-    blocks = torch.cat([zh, en])  # one English replay block in five limits forgetting
+    if s.cpt_samples == "lines":
+        zh = to_line_rows(c.zh_train[: s.cpt_lines], enc, sep, s.block)
+        en = to_line_rows(c.en_train[: s.cpt_lines // 4], enc, sep, s.block)
+        en = en[: max(1, len(zh) // 4)]  # one English replay row in five limits forgetting
+        sampler = row_sampler(zh + en, s.batch, seed=0, pad_id=sep)
+    else:
+        zh = to_blocks(c.zh_train[: s.cpt_lines], enc, sep, s.block)
+        en = to_blocks(c.en_train[: s.cpt_lines // 4], enc, sep, s.block)[: max(1, len(zh) // 4)]
+        sampler = block_sampler(torch.cat([zh, en]), s.batch, seed=0)
+    seen = [0]  # tokens trained on (padding excluded)
+
+    def next_batch(step: int) -> dict:
+        batch = sampler(step)
+        seen[0] += int((batch["labels"] != -100).sum())
+        return batch
+
     held = c.curve_set()
     # lm_head rows at a tenth of the input rows' rate: every new output row gets a gradient
     # from the softmax at every position, and Adam turns those small, consistent gradients
@@ -224,7 +239,7 @@ def cpt_arm(c: Context, model: Any, tokenizer: Any, prepared: Any, lrs: tuple[fl
     budget = None if s.cpt_cpu_s is None else s.cpt_cpu_s - spent_cpu_s
     res = fit(
         model,
-        block_sampler(blocks, s.batch, seed=0),
+        next_batch,
         lm_loss(model),
         optimizer=optimizer,
         budget_cpu_s=budget,
@@ -234,9 +249,9 @@ def cpt_arm(c: Context, model: Any, tokenizer: Any, prepared: Any, lrs: tuple[fl
         eval_at=(0.0, 1 / 3, 2 / 3, 1.0),
     )
     bpc = bpc_all(model, tokenizer, c.eval_sets())
-    tokens = res.steps * s.batch * s.block
+    tokens = seen[0]
     print(
-        f"  {desc}: {res.steps} steps x {s.batch} x {s.block} tokens ({tokens:,} tokens, about "
+        f"  {desc}: {res.steps} steps x {s.batch} x <= {s.block} tokens ({tokens:,} tokens, about "
         f"{tokens / tokens_per_char(tokenizer, held):,.0f} characters) in "
         f"{res.cpu_at_step[-1]:.0f} CPU s ({res.wall_s:.0f} s wall); loss {res.losses[0]:.2f} "
         f"-> {res.losses[-1]:.2f}; "

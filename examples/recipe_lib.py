@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from llamazh.training import CausalLMCollator
+
 
 @dataclass
 class Run:
@@ -79,6 +81,49 @@ def to_blocks(
         stream.extend(encode(line))
     n = len(stream) // block_size
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def to_line_rows(
+    lines: Sequence[str], encode: Callable[[str], list[int]], sep_id: int, block_size: int
+) -> list[list[int]]:
+    """Encode lines, put ``sep_id`` before each, and pack whole lines, in order, into rows of at
+    most ``block_size`` tokens, so that every row starts at a document boundary (as the
+    bits/char evaluation does) and no line is split across rows.
+
+    A line longer than ``block_size - 1`` tokens keeps its first ``block_size - 1`` tokens (a
+    row of its own): the rows see the beginnings of lines, as the evaluation reads them.
+    Returns a list of rows (token-id lists, ragged); pad them with ``row_sampler``.
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2 (a separator and a token), got {block_size}")
+    rows: list[list[int]] = []
+    row: list[int] = []
+    for line in lines:
+        ids = [sep_id, *encode(line)[: block_size - 1]]
+        if len(ids) < 2:
+            continue  # an empty line: nothing to predict
+        if len(row) + len(ids) > block_size:
+            rows.append(row)
+            row = []
+        row += ids
+    if row:
+        rows.append(row)
+    return rows
+
+
+def row_sampler(
+    rows: Sequence[Sequence[int]], batch_size: int, seed: int, pad_id: int
+) -> Callable[[int], dict]:
+    """Random batches of ragged rows, right-padded with ``pad_id``: ``{"input_ids",
+    "attention_mask", "labels"}`` (B, longest row in the batch), labels -100 on padding."""
+    gen = torch.Generator().manual_seed(seed)
+    collate = CausalLMCollator(pad_token_id=pad_id)
+
+    def next_batch(_step: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(rows), (batch_size,), generator=gen).tolist()
+        return collate([rows[i] for i in idx])
+
+    return next_batch
 
 
 def cut_texts(lines: Sequence[str], total_chars: int, max_chars: int = 400) -> list[str]:

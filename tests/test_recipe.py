@@ -3,6 +3,7 @@ from its cache; and the recipe's bad-input rules (interrupted steps, foreign tok
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -26,6 +29,19 @@ def _missing_model() -> str | None:
 
 def _examples_on_path(monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(EXAMPLES))
+
+
+def _recipe_lib():
+    """examples/recipe_lib.py as a module, without touching sys.path (hypothesis tests cannot
+    take the function-scoped monkeypatch)."""
+    import importlib.util
+
+    name = "recipe_lib_under_test"
+    if name not in sys.modules:  # dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / "recipe_lib.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 def run_recipe(run_dir: Path, *flags: str) -> str:
@@ -84,6 +100,7 @@ def test_quick_recipe_runs_and_resumes(tmp_path):
         (["--new-tokens", "10", "--tokenizer", "tok"], "exclude each other"),
         (["--stop-after", "0"], "invalid choice"),
         (["--budget-scale", "-1"], "--budget-scale must be > 0"),
+        (["--cpt-samples", "words"], "invalid choice"),
     ],
 )
 def test_bad_flags_are_refused(argv, message, monkeypatch, capsys):
@@ -153,3 +170,42 @@ def test_a_tokenizer_that_does_not_extend_the_model_is_refused(monkeypatch):
         check_extends(base, _Tokenizer({"a": 0, "b": 1}, "smaller"), model)
     with pytest.raises(ValueError, match="has 3 tokens, the model 4 rows"):
         check_extends(base, _Tokenizer({"a": 0, "b": 1, "c": 2, "ab": 3}, "ok"), _Model(4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lines=st.lists(st.text(alphabet="ab中 ", max_size=12), max_size=12),
+    block=st.integers(min_value=2, max_value=9),
+)
+def test_line_rows_start_at_a_boundary_and_keep_lines_whole(lines, block):
+    recipe_lib = _recipe_lib()
+    sep = -1
+    encode = lambda text: [ord(ch) for ch in text]  # noqa: E731  one token per character
+    rows = recipe_lib.to_line_rows(lines, encode, sep, block)
+    # every row starts at a document boundary and fits the block
+    assert all(row[0] == sep and len(row) <= block for row in rows)
+    # the rows hold each non-empty line once, in order, cut to block - 1 tokens, never split
+    expected = [[sep, *encode(t)[: block - 1]] for t in lines if t]
+    got = [[]]
+    for row in rows:
+        for tok in row:
+            if tok == sep:
+                got.append([])
+            got[-1].append(tok)
+    assert got[1:] == expected
+    # a row is closed only when the next line would not fit
+    for row, nxt in itertools.pairwise(rows):
+        first = nxt.index(sep, 1) if sep in nxt[1:] else len(nxt)
+        assert len(row) + first > block
+
+
+def test_row_sampler_pads_and_masks():
+    recipe_lib = _recipe_lib()
+    rows = [[9, 1, 2, 3], [9, 4]]
+    batch = recipe_lib.row_sampler(rows, batch_size=6, seed=0, pad_id=9)(0)
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        n = int(mask.sum())
+        assert ids[:n].tolist() in rows and labels[:n].tolist() == ids[:n].tolist()
+        assert (labels[n:] == -100).all() and (ids[n:] == 9).all()
+    with pytest.raises(ValueError, match="block_size must be >= 2"):
+        recipe_lib.to_line_rows(["a"], list, 0, 1)
