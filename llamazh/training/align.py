@@ -38,12 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llamazh._checks import (
-    check_choice,
-    check_positive_float,
-    check_positive_int,
-    check_texts,
-)
+from llamazh._checks import check_choice, check_positive_float, check_positive_int, check_texts
 from llamazh.evaluation import bits_per_char, document_boundary
 from llamazh.training._align_checks import _check_models
 from llamazh.training._align_losses import _input_loss, _lm_losses, _output_loss
