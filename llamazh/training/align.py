@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from llamazh._checks import check_choice, check_positive_float, check_positive_i
 from llamazh.evaluation import bits_per_char, document_boundary
 from llamazh.training._align_checks import _check_models
 from llamazh.training._align_losses import _input_loss, _lm_losses, _output_loss
+from llamazh.training._align_report import AlignmentReport
 from llamazh.training._align_teacher import (
     _Chunk,
     _chunks,
@@ -58,37 +58,6 @@ __all__ = ["ALIGN_OBJECTIVES", "AlignmentReport", "align_embeddings"]
 
 #: ``objective`` values of :func:`align_embeddings`.
 ALIGN_OBJECTIVES = ("lm", "hidden")
-
-
-@dataclass
-class AlignmentReport:
-    """What :func:`align_embeddings` did.
-
-    Attributes:
-        curve: ``(alignment CPU seconds, bits per character of eval_texts)``, first at 0.
-        steps: optimizer steps taken.
-        teacher_tokens: base-tokenizer tokens the base model read.
-        new_rows: rows the extension added; ``seen_rows`` of them occur in ``texts``.
-        cpu_s, wall_s: alignment cost (evaluation excluded from ``cpu_s``).
-        losses: ``(step, output loss in bits per extended token, input loss)`` per step.
-    """
-
-    curve: list[tuple[float, float]] = field(default_factory=list)
-    steps: int = 0
-    teacher_tokens: int = 0
-    new_rows: int = 0
-    seen_rows: int = 0
-    cpu_s: float = 0.0
-    wall_s: float = 0.0
-    losses: list[tuple[int, float, float]] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [
-            f"aligned {self.new_rows:,} new rows ({self.seen_rows:,} seen) in {self.steps} steps, "
-            f"{self.teacher_tokens:,} teacher tokens, {self.cpu_s:.0f} CPU s ({self.wall_s:.0f} s)"
-        ]
-        lines += [f"  {cpu:8.1f} CPU s: {bpc:.3f} bits/char" for cpu, bpc in self.curve]
-        return "\n".join(lines)
 
 
 def align_embeddings(
