@@ -80,6 +80,10 @@ def main(out: Path, engine: str, tied: bool, mode: str, dtype: torch.dtype = tor
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "losses.json").write_text(json.dumps(losses))
         torch.save(logits, out / "logits.pt")
+    # a process group left to interpreter shutdown can abort there ("terminate called without
+    # an active exception", SIGABRT) while gloo's threads still run: close it first
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
