@@ -19,6 +19,7 @@ from llamazh._checks import check_positive_int, check_texts
 
 __all__ = [
     "bits_per_char",
+    "context_windows",
     "document_boundary",
     "passkey_retrieval_accuracy",
     "perplexity_by_length",
@@ -160,6 +161,43 @@ def document_boundary(tokenizer: Any, boundary: int | str | None = "auto") -> li
     )
 
 
+def context_windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """How :func:`bits_per_char` scores a sequence of ``n`` tokens in a context of ``max_length``.
+
+    Returns ``(start, end, first)`` triples: the model reads tokens ``[start, end)`` and its
+    predictions of tokens ``first .. end - 1`` are scored. Token 0 (the document boundary) is
+    never scored, every other token exactly once; a window after the first moves ``stride``
+    tokens on and keeps ``max_length - stride`` tokens of context. ``n <= max_length`` gives the
+    single window ``(0, n, 1)``.
+
+    Example:
+        >>> context_windows(10, 6, 3)
+        [(0, 6, 1), (3, 9, 6), (6, 10, 9)]
+    """
+    check_positive_int("n", n)
+    check_positive_int("max_length", max_length, minimum=2)
+    check_positive_int("stride", stride)
+    if stride >= max_length:
+        raise ValueError(
+            f"stride must be < max_length (a window keeps max_length - stride >= 1 tokens of "
+            f"context), got stride={stride}, max_length={max_length}"
+        )
+    out, start, first = [], 0, 1
+    while True:
+        end = min(start + max_length, n)
+        out.append((start, end, first))
+        if end == n:
+            return out
+        start, first = start + stride, end
+
+
+def _context_length(model: Any, max_length: int | None) -> int | None:
+    if max_length is not None:
+        return check_positive_int("max_length", max_length, minimum=2)
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
+
+
 @torch.no_grad()
 def bits_per_char(
     model: Any,
@@ -168,6 +206,8 @@ def bits_per_char(
     *,
     boundary: int | str | None = "auto",
     max_batch_tokens: int = 2048,
+    max_length: int | None = None,
+    stride: int | None = None,
     device: torch.device | str | None = None,
 ) -> float:
     """Bits per character of ``texts`` under ``model``: tokenizer-independent.
@@ -179,19 +219,29 @@ def bits_per_char(
     are batched by length (``max_batch_tokens`` per forward, padding masked); fp32
     log-softmax. The model is put in eval mode.
 
+    A text longer than the context (``max_length`` tokens, boundary included) is read in
+    windows of ``max_length`` tokens, each ``stride`` tokens after the last, and every token
+    is scored once, with at least ``max_length - stride`` tokens of context
+    (:func:`context_windows`); a shorter text is read whole, so the result does not depend on
+    ``max_length`` for texts that fit.
+
     Args:
         model: a causal LM called as ``model(input_ids=(B, S), attention_mask=(B, S))``.
         tokenizer: a Hugging Face tokenizer (``tokenizer(text).input_ids``).
         texts: non-empty sequence of non-empty strings.
         boundary: see :func:`document_boundary`.
         max_batch_tokens: padded tokens per forward (>= 1; a longer text runs alone).
+        max_length: the context in tokens (>= 2). Default: the model's
+            ``config.max_position_embeddings``; without one, texts are read whole.
+        stride: tokens a window moves on (1 .. ``max_length - 1``; default ``max_length // 2``).
         device: where to run (default: the model's device).
 
     Returns:
         bits per character (float).
 
     Raises:
-        ValueError: ``texts`` empty, or a text empty.
+        ValueError: ``texts`` empty, or a text empty; ``max_length`` < 2; ``stride`` out of
+            range.
         TypeError: ``texts`` is a single string, or holds something that is not a ``str``.
 
     Example:
@@ -200,20 +250,38 @@ def bits_per_char(
     """
     texts = check_texts("texts", texts, empty="refuse")
     check_positive_int("max_batch_tokens", max_batch_tokens)
+    context = _context_length(model, max_length)
+    if stride is not None and context is None:
+        raise ValueError("stride needs a context: pass max_length (the model has no "
+                         "config.max_position_embeddings)")  # fmt: skip
+    if context is not None:
+        stride = context // 2 if stride is None else stride
+        context_windows(context, context, stride)  # checks stride against max_length
     device = _device_of(model, device)
     prefix = document_boundary(tokenizer, boundary)
     enc = tokenizer(texts, add_special_tokens=False).input_ids
-    seqs = sorted((prefix + list(ids) for ids in enc), key=len)
+    pieces = []  # (tokens the model reads, index of the first scored token)
+    for ids in enc:
+        seq = prefix + list(ids)
+        if context is None or len(seq) <= context:
+            pieces.append((seq, 1))
+            continue
+        for start, end, first in context_windows(len(seq), context, stride):
+            pieces.append((seq[start:end], first - start))
+    pieces.sort(key=lambda piece: len(piece[0]))
     model.eval()
     total, i = 0.0, 0
-    while i < len(seqs):
+    while i < len(pieces):
         j = i + 1
-        while j < len(seqs) and (j + 1 - i) * len(seqs[j]) <= max_batch_tokens:
+        while j < len(pieces) and (j + 1 - i) * len(pieces[j][0]) <= max_batch_tokens:
             j += 1
-        ids, mask = pad_right(seqs[i:j])
-        ids, mask = ids.to(device), mask.to(device)
+        batch = pieces[i:j]
+        ids, mask = pad_right([seq for seq, _ in batch])
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, S-1): token k+1 at k
+        for row, (_, first) in enumerate(batch):
+            labels[row, : first - 1] = -100  # a window's context is read, not scored again
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, S-1, V)
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         total += torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum"
         ).item()
