@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,13 +115,35 @@ def answers(model: Any, tokenizer: Any, n_tokens: int) -> dict[str, str]:
 def zh_chars_per_second(model: Any, tokenizer: Any, n_tokens: int) -> tuple[float, float]:
     """Greedy Chinese generation (exactly ``n_tokens`` a prompt): decoded characters per
     second, and CJK ideographs per second (broken bytes decode to U+FFFD, which is no text)."""
+    return paired_zh_speed({"model": (model, tokenizer)}, n_tokens, rounds=1)["model"]
+
+
+def paired_zh_speed(models: dict[str, tuple[Any, Any]], n_tokens: int,
+                    rounds: int = 3) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """:func:`zh_chars_per_second` for several ``name -> (model, tokenizer)`` at once, taking
+    turns prompt by prompt for ``rounds`` rounds, so that a busy machine slows all of them
+    alike: ``name -> (characters/s, CJK ideographs/s)`` from each model's median time.
+    Greedy output is the same every round; only the clock differs."""
     template = get_template(TEMPLATE)
-    chars = cjk = seconds = 0.0
-    for q in ZH_PROMPTS:
-        text, s, _ = chat(model, tokenizer, template, q, n_tokens, until_eos=False)
-        chars, seconds = chars + len(text), seconds + s
-        cjk += round(cjk_share(text) * len(text))
-    return chars / seconds, cjk / seconds
+    times: dict[str, list[float]] = {name: [] for name in models}
+    texts: dict[str, list[str]] = {}
+    for _ in range(rounds):
+        spent = dict.fromkeys(models, 0.0)
+        for q in ZH_PROMPTS:
+            for name, (model, tokenizer) in models.items():
+                text, seconds, _ = chat(model, tokenizer, template, q, n_tokens, until_eos=False)
+                spent[name] += seconds
+                texts.setdefault(name, []).append(text)
+        for name in models:
+            times[name].append(spent[name])
+    out = {}
+    for name, said in texts.items():
+        said = said[: len(ZH_PROMPTS)]  # one round's answers (every round says the same)
+        seconds = statistics.median(times[name])
+        chars = sum(len(t) for t in said)
+        cjk = sum(round(cjk_share(t) * len(t)) for t in said)
+        out[name] = (chars / seconds, cjk / seconds)
+    return out
 
 
 def check_extends(base: Any, extended: Any, model: Any) -> None:

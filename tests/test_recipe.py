@@ -79,6 +79,9 @@ def test_quick_recipe_runs_and_resumes(tmp_path):
     assert done["06_merge"]["max_logit_diff"] < 1e-3
     # the merged model as GGUF: its tokenizer, read back by transformers, gives the same ids
     assert done["06_merge"]["gguf"]["ids_match"] is True
+    # the base was timed again beside the merged model, in turns
+    for key in ("zh_chars_per_s", "base_zh_chars_per_s"):
+        assert done["06_merge"][key] > 0
     # every speculative method's greedy output equals generate's
     assert done["07_spec"]["identical"] is True
     for png in PLOTS:
