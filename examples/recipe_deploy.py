@@ -155,7 +155,8 @@ def step_merge(c: Context) -> dict:
 
 # ---- 7 -----------------------------------------------------------------------------------
 def make_draft(target: Any, layers: int) -> Any:
-    """The target's first ``layers`` decoder layers, final norm and tied embedding."""
+    """The target's first ``layers`` decoder layers, final norm, embedding and lm_head (tied
+    if the target's are)."""
     from transformers import LlamaForCausalLM
 
     config = copy.deepcopy(target.config)
@@ -177,7 +178,8 @@ def distill_draft(c: Context, target: Any, draft: Any, tokenizer: Any) -> list[f
         to_blocks(c.zh_train[-s.draft_lines:], enc, sep, s.draft_block),
         to_blocks(c.en_train[-s.draft_lines // 4:], enc, sep, s.draft_block),
     ])  # fmt: skip
-    draft.get_input_embeddings().weight.requires_grad_(False)  # tied: the target's, frozen
+    # the target's embedding stays frozen; an untied lm_head (the merged extension) trains
+    draft.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in draft.parameters() if p.requires_grad]
 
     def kl(batch: dict) -> torch.Tensor:
@@ -228,8 +230,9 @@ def step_speculative(c: Context) -> dict:
         draft.save_pretrained(d / "draft")
         draft_q = quantized(draft)
         print(
-            f"  draft: the target's first {s.draft_layers} layers + tied embedding, distilled "
-            f"(KL {losses[0]:.3f} -> {losses[-1]:.3f}, {len(losses)} steps), int8 Linear layers"
+            f"  draft: the target's first {s.draft_layers} layers + embedding and lm_head, "
+            f"distilled (KL {losses[0]:.3f} -> {losses[-1]:.3f}, {len(losses)} steps), int8 "
+            "Linear layers"
         )
         prompts = spec_prompts(c, tokenizer, s.spec_prompts, s.spec_prompt_chars)
         n = s.spec_new_tokens
