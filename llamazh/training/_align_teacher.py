@@ -40,6 +40,30 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+_CUT_AFTER = "\n。！？；.!?;"  # a piece of a long text ends after one of these where one is near
+
+
+def _split_long(texts: list[str], count, max_length: int) -> list[str]:
+    """``texts`` with every text of more than ``max_length`` tokens (``count(text)``) cut into
+    consecutive pieces that fit, in order: after the last line or sentence end in the second
+    half of the span that should fit (by the text's tokens per character, with a 10% margin),
+    else inside it; a piece that still does not fit is cut again."""
+    out: list[str] = []
+    stack = list(reversed(texts))
+    while stack:
+        text = stack.pop()
+        n = count(text)
+        if n <= max_length or len(text) < 2:
+            out.append(text)  # a single character over the limit is cut by the teacher
+            continue
+        cut = min(len(text) - 1, max(1, len(text) * max_length * 9 // (10 * n)))
+        end = max(text.rfind(c, cut // 2, cut) for c in _CUT_AFTER)
+        if end >= 0:
+            cut = end + 1
+        stack += [text[cut:], text[:cut]]
+    return out
+
+
 def _chunks(order: list[int], enc: list[list[int]], budget: int, max_length: int, extra: int):
     """Text indices (shortest first) grouped so that rows x longest row <= ``budget`` tokens."""
     out, cur, width = [], [], 0

@@ -47,6 +47,7 @@ from llamazh.training._align_teacher import (
     _chunks,
     _decoder_layers,
     _piece_states,
+    _split_long,
     _teacher,
 )
 from llamazh.training.output_share import byte_ends_fn, share_rows
@@ -115,8 +116,9 @@ def align_embeddings(
             step. Default: 0 with ``output_share`` (fitting the rows to the base's states
             after it made held-out text worse at every rate tried, see
             ``docs/tokenizer.md``), else 0.5.
-        chunk_tokens: base tokens per teacher pass; texts longer than ``max_length`` base
-            tokens are cut.
+        chunk_tokens: base tokens per teacher pass.
+        max_length: a text of more base tokens is split into consecutive pieces that fit (at
+            a line or sentence end where one is near), each read from a document boundary.
         output_batch: teacher positions per output step.
         output_every: the base runs to the end (final states and logits, the output targets)
             on every this many teacher passes, the first included; on the others it stops
@@ -188,6 +190,10 @@ def align_embeddings(
     byte_ends_old = byte_ends_fn(old_tokenizer)
     byte_ends_new = byte_ends_fn(new_tokenizer)
     old_enc = old_tokenizer(texts, add_special_tokens=False).input_ids
+    if any(len(ids) > max_length for ids in old_enc):  # long texts: all of them is used
+        texts = _split_long(texts, lambda t: len(old_tokenizer(t, add_special_tokens=False)
+                                                 .input_ids), max_length)  # fmt: skip
+        old_enc = old_tokenizer(texts, add_special_tokens=False).input_ids
     new_enc = new_tokenizer(texts, add_special_tokens=False).input_ids
     if not any(i >= n_old for ids in new_enc for i in ids):
         raise ValueError(

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llamazh.evaluation import bits_per_char
 from llamazh.testing import tiny_llama
@@ -181,3 +183,31 @@ def test_empty_texts_among_others():
         check_texts("texts", ["a", ""], empty="refuse")
     with pytest.raises(ValueError, match="empty must be one of"):
         check_texts("texts", ["a"], empty="keep")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    text=st.text(alphabet="ab 。\n中文", min_size=0, max_size=200),
+    max_length=st.integers(1, 40),
+)
+def test_long_texts_are_split_into_pieces_that_fit_in_order(text, max_length):
+    from llamazh.training._align_teacher import _split_long
+
+    count = len  # one token per character: the tightest case
+    pieces = _split_long(["短", text, "end"], count, max_length)
+    assert "".join(pieces) == "短" + text + "end"
+    assert all(piece for piece in pieces) or text == ""
+    assert all(count(piece) <= max(max_length, 1) for piece in pieces)
+
+
+def test_a_long_text_is_read_to_its_end(setup):
+    old, new, base, texts, _ = setup
+    filler = " ".join(["plain English words"] * 80)
+    tail = next(t for t in texts if any(i >= len(old) for i in new(t).input_ids))
+    long = [filler + "\n" + tail]  # the only new tokens sit past the first max_length tokens
+    assert len(old(filler).input_ids) > 64
+    model = _resized(base, old, new)
+    report = align_embeddings(model, base, old, new, long, max_steps=4, input_layer=1,
+                              max_length=64, chunk_tokens=256)  # fmt: skip
+    assert report.seen_rows > 0
+    assert report.teacher_tokens >= len(old(long[0]).input_ids)
