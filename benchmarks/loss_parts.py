@@ -32,7 +32,6 @@ import copy
 import csv
 import math
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vocab_transfer as vt  # the same held-out sets and trained arms
 
 from llamazh.pretrained import load_smollm2
-from llamazh.tokenizer import chinese_held_out_split, resize_embeddings
+from llamazh.tokenizer import resize_embeddings
 from llamazh.tokenizer._sources import as_view, piece_splitter
 from llamazh.training import share_output_rows
 
@@ -116,11 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in range(len(old), len(new)):
         first[t] = split(new.convert_ids_to_tokens(t))[0]
     texts = vt.eval_sets(args.eval_chars)["zh"]
-    zh_train = list(chinese_held_out_split().train)
-    random.Random(0).shuffle(zh_train)  # the recipe's order: its alignment lines are these
     step0 = copy.deepcopy(base)
     resize_embeddings(step0, old, new, untie=True)
-    share_output_rows(step0, old, new, zh_train[6000:10000])
+    share_output_rows(step0, old, new, vt.alignment_lines(vt.training_lines(), 4000))
     rows = [("step 0 (counted rows)", loss_parts(step0.eval(), base, old, new, first, texts))]
     for d in args.run_dir:
         ext, control = vt.trained_arm(d, "ext"), vt.trained_arm(d, "control")

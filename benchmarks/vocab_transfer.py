@@ -83,6 +83,20 @@ def cut(lines: list[str], chars: int) -> list[str]:
     return out
 
 
+def training_lines() -> list[str]:
+    """The Chinese training lines in the recipe's order (``examples/recipe.py``: shuffled, seed
+    0): the extension is learned on them."""
+    lines = list(chinese_held_out_split().train)
+    random.Random(0).shuffle(lines)
+    return lines
+
+
+def alignment_lines(lines: list[str], n: int) -> list[str]:
+    """The ``n`` lines of :func:`training_lines` that count output rows and align input rows
+    (after the 6,000 that step 3 trains on, as the recipe takes them)."""
+    return lines[6000 : 6000 + n]
+
+
 def eval_sets(chars: int) -> dict[str, list[str]]:
     split = chinese_held_out_split()
     en = list(split.held_out["en_d2l"])[:400]
@@ -178,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
 
-    split = chinese_held_out_split()
-    zh_train = list(split.train)
-    random.Random(0).shuffle(zh_train)  # as examples/recipe.py
+    zh_train = training_lines()
     sets = eval_sets(args.eval_chars)
     base_tok = AutoTokenizer.from_pretrained(smollm2_dir())
     base, _ = load_smollm2()
@@ -210,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
             if name != DEFAULT:
                 continue
-            align_texts = zh_train[6000 : 6000 + args.align_lines]
+            align_texts = alignment_lines(zh_train, args.align_lines)
             cpu = time.process_time()
             share_output_rows(model, base_tok, ext, align_texts)
             cpu = time.process_time() - cpu

@@ -126,22 +126,22 @@ def paired_zh_speed(models: dict[str, tuple[Any, Any]], n_tokens: int,
     Greedy output is the same every round; only the clock differs."""
     template = get_template(TEMPLATE)
     times: dict[str, list[float]] = {name: [] for name in models}
-    texts: dict[str, list[str]] = {}
-    for _ in range(rounds):
+    said: dict[str, list[str]] = {name: [] for name in models}  # the first round's answers
+    for r in range(rounds):
         spent = dict.fromkeys(models, 0.0)
         for q in ZH_PROMPTS:
             for name, (model, tokenizer) in models.items():
                 text, seconds, _ = chat(model, tokenizer, template, q, n_tokens, until_eos=False)
                 spent[name] += seconds
-                texts.setdefault(name, []).append(text)
+                if r == 0:
+                    said[name].append(text)
         for name in models:
             times[name].append(spent[name])
     out = {}
-    for name, said in texts.items():
-        said = said[: len(ZH_PROMPTS)]  # one round's answers (every round says the same)
+    for name in models:
         seconds = statistics.median(times[name])
-        chars = sum(len(t) for t in said)
-        cjk = sum(round(cjk_share(t) * len(t)) for t in said)
+        chars = sum(len(t) for t in said[name])
+        cjk = sum(round(cjk_share(t) * len(t)) for t in said[name])
         out[name] = (chars / seconds, cjk / seconds)
     return out
 
